@@ -1,0 +1,1 @@
+"""soniq_tvm.schedules: integer kernel families and their schedules per target."""
