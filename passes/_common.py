@@ -1,0 +1,64 @@
+"""Small helpers shared by the passes (not a pass itself)."""
+from __future__ import annotations
+
+import numpy as np
+
+from soniq_tvm import tvm_shim as tv
+from soniq_tvm.qop import QOp
+
+CALL_TIR = tv.op("call_tir")
+QOP_ATTR = "soniq.qop"
+PERM_PREFIX = "soniq_perm"
+
+
+def module_pass(mutator_factory, name: str):
+    """A module pass running ``mutator_factory(mod)`` over every Relax function."""
+
+    @tv.tvm.ir.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod, _ctx):
+        m = mutator_factory(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tv.relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return m.builder_.get()
+
+    return _pass
+
+
+def soniq_call(call, mod):
+    """``(QOp, [args])`` if ``call`` is an ``R.call_tir`` of a soniq kernel, else None."""
+    if not isinstance(call, tv.relax.Call) or call.op != CALL_TIR:
+        return None
+    gv = call.args[0]
+    if gv not in mod.functions and gv.name_hint not in [g.name_hint for g in mod.functions]:
+        return None
+    func = mod[gv.name_hint]
+    text = tv.prim_func_attr(func, QOP_ATTR) if isinstance(func, tv.PrimFunc) else None
+    if text is None:
+        return None
+    return QOp.from_json(str(text)), list(call.args[1].fields)
+
+
+def emit_qop(builder, op: QOp, x, weights: list[np.ndarray], family, target, name: str = "soniq_acc"):
+    """Emit ``R.call_tir`` of ``family``'s kernel for ``op`` reading ``x`` and the
+    packed ``weights`` (numpy arrays, emitted as constants); returns the var."""
+    func = family.primfunc(op.with_(family=family.name), target).without_attr("global_symbol")
+    gv = builder.add_func(func, _kernel_name(op, family.name))
+    args = [x] + [tv.const(w) for w in weights]
+    return builder.emit(tv.call_tir(gv, args, op.out_shape, "int32"), name)
+
+
+def _kernel_name(op: QOp, family: str) -> str:
+    safe = "".join(ch if ch.isalnum() else "_" for ch in op.layer)[:40]
+    g = "" if op.group < 0 else f"_g{op.group}"
+    return f"soniq_{op.kind}_{safe}{g}_{family.replace('-', '_')}_w{op.w_bit}a{op.a_bit}"
+
+
+def per_channel(values: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray | None:
+    """Broadcast ``values`` to ``shape`` and return one value per index of ``axis``,
+    or None if the values vary along any other axis."""
+    b = np.broadcast_to(values, shape)
+    m = np.moveaxis(b, axis, 0).reshape(shape[axis], -1)
+    if m.shape[1] and not (m == m[:, :1]).all():
+        return None
+    return m[:, 0].copy()

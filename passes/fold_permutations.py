@@ -1,0 +1,172 @@
+"""Phase 5: fold the channel gathers that :mod:`split_groups` inserted into producers.
+
+Expects ``soniq_perm*`` bindings ``take(v, perm, axis)`` in front of split ops.
+Where legal, the permutation moves upstream instead of being executed:
+
+* through elementwise ops (relu, astype, clip, quantize/dequantize, and binary
+  ops against constants, whose per-channel constants are permuted),
+* through residual ``add``s of two tensors (pushed into both sides),
+* into an ``soniq_unperm*`` gather (the two gathers compose into one),
+* and finally into the soniq kernel that produces the channels, whose output
+  channels are reordered by permuting its weight constant at compile time.
+
+Every tensor on the way must have this gather as its only consumer (otherwise
+another user would see permuted channels), and every branch must end in an
+absorbing producer. Where either fails the gather stays, as a real run-time
+gather; :func:`count_gathers` reports how many remain.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from soniq_tvm import tvm_shim as tv
+
+from ._common import CALL_TIR, PERM_PREFIX, soniq_call
+
+__all__ = ["FoldPermutations", "count_gathers"]
+
+_TAKE = tv.op("take")
+_UNARY = {tv.op(n) for n in ("nn.relu", "astype", "clip", "sigmoid", "tanh", "negative", "round", "nn.gelu",
+                             "nn.gelu_tanh", "nn.silu", "exp", "abs", "floor", "ceil")}
+_QDQ = {tv.op("quantize"), tv.op("dequantize")}
+_BINARY = {tv.op(n) for n in ("add", "subtract", "multiply", "divide", "maximum", "minimum")}
+
+
+def _const_permuted(value: np.ndarray, out_rank: int, axis: int, perm: np.ndarray) -> np.ndarray:
+    cax = axis - (out_rank - value.ndim)
+    if cax < 0 or value.shape[cax] == 1:
+        return value
+    return np.take(value, perm, axis=cax)
+
+
+class _Folder:
+    def __init__(self, mod, func):
+        self.mod = mod
+        self.defs: dict = {}
+        self.uses: dict = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                self.defs[b.var] = b.value
+                self._count(b.value)
+        self._count(func.body.body)
+
+    def _count(self, expr):
+        if isinstance(expr, tv.relax.Var):
+            self.uses[expr] = self.uses.get(expr, 0) + 1
+        elif isinstance(expr, tv.relax.Call):
+            for a in expr.args:
+                self._count(a)
+        elif isinstance(expr, tv.relax.Tuple):
+            for f in expr.fields:
+                self._count(f)
+        elif isinstance(expr, tv.relax.TupleGetItem):
+            self._count(expr.tuple_value)
+
+    def push(self, var, perm: np.ndarray, axis: int):
+        """Rewrites ``{var: new value}`` making ``var`` hold its channels permuted by
+        ``perm`` along ``axis``, or None when that is not legal."""
+        if not isinstance(var, tv.relax.Var) or self.uses.get(var, 0) != 1 or var not in self.defs:
+            return None
+        value = self.defs[var]
+        if isinstance(value, tv.relax.Var):  # an alias binding
+            return self.push(value, perm, axis)
+        if not isinstance(value, tv.relax.Call):
+            return None
+        rank = len(tv.shape_of(var))
+        found = soniq_call(value, self.mod)
+        if found is not None:
+            op, args = found
+            out_axis = 1 if op.kind == "conv2d" else rank - 1
+            if axis != out_axis or op.w_axis == "out" and len(set(op.w_bits)) > 1:
+                return None
+            w = tv.const_value(args[1])
+            w = w[perm] if op.kind == "conv2d" else w[:, perm]
+            new_args = tv.relax.Tuple([args[0], tv.const(w)] + args[2:])
+            return {var: tv.relax.Call(CALL_TIR, [value.args[0], new_args], value.attrs, value.ty_args)}
+        if value.op == _TAKE and var.name.startswith("soniq_unperm") and int(value.attrs.axis) % rank == axis:
+            inner = tv.const_value(value.args[1])
+            return {var: tv.relax.Call(_TAKE, [value.args[0], tv.const(inner[perm])], value.attrs)}
+        if value.op in _UNARY:
+            sub = self.push(value.args[0], perm, axis)
+            return None if sub is None else sub
+        if value.op in _QDQ:
+            new_args = [value.args[0]]
+            for a in value.args[1:]:
+                c = tv.const_value(a) if tv.is_const(a) else None
+                if c is None:
+                    return None
+                if c.size > 1:
+                    if int(value.attrs.axis) % rank != axis:
+                        return None
+                    c = np.take(c, perm, axis=0)
+                new_args.append(tv.const(c))
+            sub = self.push(value.args[0], perm, axis)
+            if sub is None:
+                return None
+            sub[var] = tv.relax.Call(value.op, new_args, value.attrs)
+            return sub
+        if value.op in _BINARY:
+            rewrites, new_args = {}, []
+            for a in value.args:
+                if tv.is_const(a):
+                    new_args.append(tv.const(_const_permuted(tv.const_value(a), rank, axis, perm)))
+                    continue
+                if tv.shape_of(a) != tv.shape_of(var):
+                    return None  # a broadcast operand: permuting it is not this simple
+                sub = self.push(a, perm, axis)
+                if sub is None:
+                    return None
+                rewrites.update(sub)
+                new_args.append(a)
+            rewrites[var] = tv.relax.Call(value.op, new_args, value.attrs)
+            return rewrites
+        return None
+
+
+def _fold_function(mod, func):
+    folder = _Folder(mod, func)
+    rewrites = {}
+    for var, value in folder.defs.items():
+        if not (var.name.startswith(PERM_PREFIX) and isinstance(value, tv.relax.Call) and value.op == _TAKE):
+            continue
+        rank = len(tv.shape_of(var))
+        perm = tv.const_value(value.args[1])
+        sub = folder.push(value.args[0], perm, int(value.attrs.axis) % rank)
+        if sub is not None and not (set(sub) & set(rewrites)):
+            rewrites.update(sub)
+            rewrites[var] = value.args[0]  # the gather becomes an alias
+    if not rewrites:
+        return func
+    blocks = []
+    for block in func.body.blocks:
+        bindings = [tv.relax.VarBinding(b.var, rewrites.get(b.var, b.value)) for b in block.bindings]
+        cls = tv.relax.DataflowBlock if isinstance(block, tv.relax.DataflowBlock) else tv.relax.BindingBlock
+        blocks.append(cls(bindings))
+    body = tv.relax.SeqExpr(blocks, func.body.body)
+    return tv.relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
+
+
+@tv.tvm.ir.transform.module_pass(opt_level=0, name="soniq.FoldPermutations")
+def FoldPermutations(mod, _ctx):
+    updates = {gv: _fold_function(mod, f) for gv, f in mod.functions.items() if isinstance(f, tv.relax.Function)}
+    for gv, f in updates.items():
+        mod[gv] = f
+    mod = tv.relax.transform.Normalize()(mod)
+    return tv.relax.transform.CanonicalizeBindings()(mod)
+
+
+def count_gathers(mod) -> dict[str, int]:
+    """Run-time channel gathers left by the split (``soniq_perm*``/``soniq_unperm*``
+    takes), per layer-name suffix."""
+    found: dict[str, int] = {}
+    for _gv, func in mod.functions.items():
+        if not isinstance(func, tv.relax.Function):
+            continue
+        for block in func.body.blocks:
+            for b in block.bindings:
+                name = b.var.name
+                if name.startswith(("soniq_perm", "soniq_unperm")) and isinstance(b.value, tv.relax.Call) \
+                        and b.value.op == _TAKE:
+                    key = name.split("_", 2)[-1]
+                    found[key] = found.get(key, 0) + 1
+    return found

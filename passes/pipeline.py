@@ -1,0 +1,107 @@
+"""The whole compilation flow in one place, phase by phase.
+
+    0  import       ONNX -> Relax (TVM's importer; weights stay named parameters)
+    1  canonicalize n-ary Max/Min -> maximum/minimum            (canonicalize_minmax)
+    2  fold QDQ     conv/matmul on dequantized ints -> int32 kernels + rescale (fold_qdq)
+    3  bind         remaining parameters become constants; dead code goes
+    4  split        mixed-precision ops -> uniform channel groups (split_groups)
+    5  permute      channel gathers folded into their producers  (fold_permutations)
+    6  pack         a kernel family per group, weights packed     (pack_weights)
+    7  cleanup      dead code elimination
+
+``dump_dir`` writes the IR after every phase (``NN-name.py``), so anyone can see,
+diff and reorder the flow. Building (``tvm.compile``) is the caller's step.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from soniq_tvm import tvm_shim as tv
+
+from .canonicalize_minmax import CanonicalizeMinMax
+from .fold_permutations import FoldPermutations, count_gathers
+from .fold_qdq import FoldQDQ, WeightInfo
+from .pack_weights import PackWeights
+from .split_groups import SplitChannelGroups
+
+__all__ = ["run_pipeline", "PipelineResult", "WeightInfo", "import_onnx", "PHASES"]
+
+PHASES = ("import", "canonicalize", "fold_qdq", "bind", "split", "permute", "pack", "cleanup")
+
+
+@dataclass
+class PipelineResult:
+    mod: object  # tvm.IRModule, ready for tvm.compile
+    layers: list = field(default_factory=list)  # whole-layer QOps after folding
+    gathers_after_split: dict = field(default_factory=dict)
+    gathers: dict = field(default_factory=dict)  # run-time gathers left, per layer
+
+
+def import_onnx(model, shapes: dict | None = None):
+    """Phase 0: (module with named parameters, {parameter name: numpy value})."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=True)
+    func = mod["main"]
+    num_input = int(func.attrs["num_input"])
+    names = [tv.var_name(p) for p in func.params[num_input:]]
+    values = [t.numpy() for t in func.attrs["params"]] if "params" in func.attrs else []
+    mod, _ = tv.relax.frontend.detach_params(mod)
+    return mod, dict(zip(names, values))
+
+
+def _dump(dump_dir, index: int, name: str, mod) -> None:
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        with open(os.path.join(dump_dir, f"{index:02d}-{name}.py"), "w") as f:
+            f.write(mod.script())
+
+
+def _soniq_layers(mod) -> list:
+    from ._common import soniq_call
+
+    found = []
+
+    def visit(expr):
+        hit = soniq_call(expr, mod)
+        if hit is not None:
+            found.append(hit[0])
+
+    for _gv, func in mod.functions.items():
+        if isinstance(func, tv.relax.Function):
+            tv.relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
+                 dump_dir: str | None = None) -> PipelineResult:
+    """Run phases 0-7 on an ONNX ModelProto (int4 initializers already widened)."""
+    mod, params = import_onnx(model, shapes)
+    _dump(dump_dir, 0, "import", mod)
+    steps = [
+        ("canonicalize", CanonicalizeMinMax),
+        ("fold_qdq", FoldQDQ(params, weights, target)),
+        ("bind", tv.tvm.transform.Sequential([
+            tv.relax.transform.BindParams("main", params),
+            tv.relax.transform.FoldConstant(),
+            tv.relax.transform.DeadCodeElimination(),
+        ])),
+        ("split", tv.tvm.transform.Sequential([SplitChannelGroups(target),
+                                               tv.relax.transform.CanonicalizeBindings()])),
+        ("permute", FoldPermutations),
+        ("pack", PackWeights(target, force=family)),
+        ("cleanup", tv.relax.transform.DeadCodeElimination()),
+    ]
+    result = PipelineResult(mod=None)
+    for i, (name, p) in enumerate(steps, start=1):
+        mod = p(mod)
+        _dump(dump_dir, i, name, mod)
+        if name == "fold_qdq":
+            result.layers = _soniq_layers(mod)
+        elif name == "split":
+            result.gathers_after_split = count_gathers(mod)
+        elif name == "permute":
+            result.gathers = count_gathers(mod)
+    result.mod = mod
+    return result

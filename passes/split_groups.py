@@ -1,0 +1,116 @@
+"""Phase 4: split each mixed-precision integer op into uniform channel groups.
+
+Expects soniq kernels from :mod:`fold_qdq` (``int8-ref``, weights as constants).
+For every op whose QOp is not uniform:
+
+* along the reduction (per-input-channel bits, SONIQ's tied case):
+  ``Y = W_lo X_lo + W_hi X_hi``, the sub-ops summed into one int32 accumulator;
+* along the output channels (per-output-channel weight bits): the groups'
+  outputs are concatenated;
+* both, when both vary.
+
+Input channels of a group are made contiguous by permuting the weights at
+compile time and gathering the activation once at run time
+(``take`` bound to a var named ``soniq_perm*``); :mod:`fold_permutations` then
+moves that gather into the producer where legal. Output groups are concatenated
+and, when their order is not the original one, put back with a gather named
+``soniq_unperm*``. Uniform ops are left unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from soniq_tvm import tvm_shim as tv
+from soniq_tvm.qop import QOp
+
+from ._common import PERM_PREFIX, emit_qop, module_pass, soniq_call
+
+__all__ = ["SplitChannelGroups", "channel_groups"]
+
+
+def channel_groups(keys) -> list[np.ndarray]:
+    """Indices of equal keys, one array per distinct key, narrowest key first."""
+    keys = list(keys)
+    order = sorted(set(keys), key=lambda k: tuple(-1 if v is None else v for v in k))
+    return [np.array([i for i, k in enumerate(keys) if k == key], np.int64) for key in order]
+
+
+@tv.mutator
+class _Splitter(tv.PyExprMutator):
+    def __init__(self, mod, target):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.target = target
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        found = soniq_call(call, self.mod_)
+        if found is None:
+            return call
+        op, args = found
+        if op.uniform or op.family != "int8-ref":
+            return call
+        x, w = args[0], tv.const_value(args[1])
+        return self._split(op, x, w)
+
+    def _split(self, op: QOp, x, w: np.ndarray):
+        cin, cout = op.in_channels, op.out_channels
+        in_keys = [(op.a_bits[c], op.w_bits[c] if op.w_axis == "in" else None) for c in range(cin)]
+        out_keys = [(op.w_bits[o] if op.w_axis == "out" else None,) for o in range(cout)]
+        in_groups, out_groups = channel_groups(in_keys), channel_groups(out_keys)
+        x_axis = 1 if op.kind == "conv2d" else len(op.x_shape) - 1
+        out_axis = 1 if op.kind == "conv2d" else len(op.out_shape) - 1
+
+        perm = np.concatenate(in_groups)
+        if len(in_groups) > 1 and not np.array_equal(perm, np.arange(cin)):
+            x = self.builder_.emit(tv.relax.op.take(x, tv.const(perm), axis=x_axis),
+                                   f"{PERM_PREFIX}_{_safe(op.layer)}")
+        slices, start = [], 0
+        for idx in in_groups:
+            end = start + len(idx)
+            xs = x if len(in_groups) == 1 else self.builder_.emit(
+                tv.relax.op.strided_slice(x, axes=[x_axis], begin=[start], end=[end]), "soniq_xg")
+            slices.append((idx, xs))
+            start = end
+
+        group, outs = 0, []
+        for oidx in out_groups:
+            acc = None
+            for iidx, xs in slices:
+                sub_w = w[oidx][:, iidx] if op.kind == "conv2d" else w[iidx][:, oidx]
+                w_bit = op.w_bits[iidx[0]] if op.w_axis == "in" else op.w_bits[oidx[0]]
+                sub_x_shape = list(op.x_shape)
+                sub_x_shape[x_axis] = len(iidx)
+                w_count = len(iidx) if op.w_axis == "in" else len(oidx)
+                sub = op.with_(
+                    x_shape=tuple(sub_x_shape), w_shape=tuple(sub_w.shape),
+                    a_bits=(op.a_bits[iidx[0]],) * len(iidx), w_bits=(w_bit,) * w_count, group=group,
+                )
+                group += 1
+                part = emit_qop(self.builder_, sub, xs, [np.ascontiguousarray(sub_w)],
+                                _int8_ref(), self.target, "soniq_part")
+                acc = part if acc is None else self.builder_.emit(tv.relax.op.add(acc, part), "soniq_sum")
+            outs.append(acc)
+        if len(outs) == 1:
+            return outs[0]
+        cat = self.builder_.emit(tv.relax.op.concat(outs, axis=out_axis), "soniq_cat")
+        order = np.concatenate(out_groups)
+        if np.array_equal(order, np.arange(cout)):
+            return cat
+        inverse = np.argsort(order)
+        return self.builder_.emit(tv.relax.op.take(cat, tv.const(inverse), axis=out_axis),
+                                  f"soniq_unperm_{_safe(op.layer)}")
+
+
+def _int8_ref():
+    from soniq_tvm.schedules import registry
+
+    return registry.get("int8-ref")
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
+
+
+def SplitChannelGroups(target=None):
+    return module_pass(lambda mod: _Splitter(mod, target), "soniq.SplitChannelGroups")

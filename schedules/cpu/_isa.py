@@ -1,0 +1,100 @@
+"""Target features and the vector instructions the CPU families are written with.
+
+Every x86/ARM intrinsic below must only be compiled for a target that has the
+feature: LLVM aborts the whole process ("Do not know how to split the result of
+this operator!") otherwise. Families therefore call :func:`features` in their
+``cost`` and answer ``None`` ("not mine") when the instruction is missing.
+
+The helpers build TIR expressions; the TVMScript kernels in this package call
+them while they are parsed.
+"""
+from __future__ import annotations
+
+import functools
+
+from soniq_tvm import tvm_shim as tv
+
+__all__ = ["features", "is_x86", "is_aarch64", "host_features", "bcast_word", "pmaddubsw", "pmaddwd",
+           "vpdpbusd512", "sdot", "ones16", "zeros"]
+
+tirx = tv.tirx
+
+
+def _target_key(target) -> str:
+    return str(target)
+
+
+@functools.lru_cache(maxsize=64)
+def _features_of(key: str) -> frozenset[str]:
+    target = tv.Target(key)
+    try:
+        return frozenset(tv.llvm_cpu_features(target))
+    except Exception:  # noqa: BLE001  (target without an LLVM backend)
+        return frozenset()
+
+
+def features(target) -> frozenset[str]:
+    """LLVM feature names of an llvm ``target`` (empty for other kinds)."""
+    if target is None or target.kind.name != "llvm":
+        return frozenset()
+    return _features_of(_target_key(target))
+
+
+def _triple(target) -> str:
+    t = target.attrs.get("mtriple", "") if target is not None else ""
+    return str(t)
+
+
+def is_aarch64(target) -> bool:
+    return target is not None and target.kind.name == "llvm" and _triple(target).startswith(("aarch64", "arm64"))
+
+
+def is_x86(target) -> bool:
+    if target is None or target.kind.name != "llvm":
+        return False
+    t = _triple(target)
+    return t == "" or t.startswith(("x86_64", "i686", "i386"))
+
+
+@functools.lru_cache(maxsize=1)
+def host_features() -> frozenset[str]:
+    """Features of the machine this process runs on (what may be *executed*)."""
+    return features(tv.Target({"kind": "llvm", "mcpu": tv.host_cpu()}))
+
+
+# ---- expression helpers ------------------------------------------------------
+
+def zeros(dtype: str, lanes: int):
+    return tirx.Broadcast(tirx.const(0, dtype), lanes)
+
+
+def ones16(lanes: int = 16):
+    return tirx.Broadcast(tirx.const(1, "int16"), lanes)
+
+
+def bcast_word(vec, lanes: int, out_dtype: str):
+    """Reinterpret a 32-bit vector load (e.g. ``uint8x4``) as one int32 and
+    broadcast it ``lanes`` times, viewed as ``out_dtype`` (e.g. ``uint8x32``)."""
+    word = tirx.reinterpret("int32", vec)
+    return tirx.reinterpret(out_dtype, tirx.Broadcast(word, lanes))
+
+
+def pmaddubsw(a_u8x32, w_i8x32):
+    """u8 x s8 pairs summed to int16 (SATURATING: callers prove it cannot)."""
+    return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a_u8x32, w_i8x32)
+
+
+def pmaddwd(a_i16x16, b_i16x16):
+    """s16 x s16 pairs summed to int32 (exact unless both pairs are -32768^2)."""
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", a_i16x16, b_i16x16)
+
+
+def vpdpbusd512(acc_i32x16, a_u8x64, w_i8x64):
+    """AVX512-VNNI u8 x s8 quads summed into int32 (no intermediate saturation).
+    LLVM 22 takes ``<64 x i8>`` operands (the built-in TVM intrinsic is broken)."""
+    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc_i32x16, a_u8x64, w_i8x64)
+
+
+def sdot(acc_i32x4, a_i8x16, w_i8x16):
+    """ARMv8.2 dotprod s8 x s8 quads summed into int32."""
+    return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc_i32x4, a_i8x16, w_i8x16)

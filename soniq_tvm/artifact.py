@@ -1,0 +1,236 @@
+"""Compiled modules: run, benchmark, save to disk and load in a fresh process.
+
+A saved module is a directory ``NAME.soniq/`` holding
+
+* ``module.so``: the compiled library (Relax VM executable and kernels);
+* ``manifest.json``: format, input/output names, shapes and dtypes, the target,
+  the ISA features the code needs, the precision plan, library versions and a
+  SHA-256 over the library and the manifest.
+
+Loading needs only the TVM runtime: this module imports neither onnx nor the
+compiler passes. It checks the hash (corruption, tampering), the versions, and
+that this CPU has every instruction-set feature the code was built for (an
+AVX-512 module on an AVX2 host is refused instead of dying with SIGILL).
+Saving is atomic: the directory appears complete or not at all.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, hardware
+from .errors import ArtifactError, HardwareMismatchError, InputError
+
+__all__ = ["CompiledModule", "load", "FORMAT"]
+
+FORMAT = "soniq-module/1"
+_LIB, _MANIFEST = "module.so", "manifest.json"
+
+
+def _versions() -> dict:
+    import tvm
+    import tvm_ffi
+
+    return {"soniq_tvm": __version__, "tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?")}
+
+
+def _digest(lib_bytes: bytes, manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    h = hashlib.sha256(lib_bytes)
+    h.update(json.dumps(body, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class CompiledModule:
+    """A compiled model: ``run(inputs)`` or ``m(x)``, ``save(path)``, ``plan``."""
+
+    def __init__(self, library, manifest: dict, executable=None):
+        self._lib = library  # runtime Module or Executable
+        self._exec = executable  # tvm.runtime.Executable (only right after compile)
+        self.manifest = manifest
+        self._vm = None
+
+    # ---- description -------------------------------------------------------
+    @property
+    def inputs(self) -> list[dict]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.manifest["outputs"]
+
+    @property
+    def target(self) -> dict:
+        return self.manifest["target"]
+
+    @property
+    def plan(self):
+        from .plan import Plan
+
+        return Plan.from_dict(self.manifest["plan"])
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{i['name']}{tuple(i['shape'])}:{i['dtype']}" for i in self.inputs)
+        return f"<CompiledModule inputs=[{ins}] target={self.target.get('kind')}>"
+
+    # ---- running -------------------------------------------------------------
+    def _device(self):
+        import tvm
+
+        return tvm.cuda(0) if self.target.get("kind") == "cuda" else tvm.cpu(0)
+
+    def _machine(self):
+        if self._vm is None:
+            from tvm.runtime.vm import VirtualMachine
+
+            missing = hardware.missing_features(self.manifest.get("required_features", []))
+            arch = self.manifest.get("arch")
+            if arch and arch != hardware.host_arch():
+                raise HardwareMismatchError(f"module was built for {arch}, this machine is {hardware.host_arch()}",
+                                            hint="compile for this machine's target, or run it where it belongs")
+            if missing:
+                raise HardwareMismatchError(f"this CPU lacks {', '.join(missing)} which the module uses",
+                                            hint="recompile with a target this CPU supports, e.g. 'llvm'")
+            dev = self._device()
+            if self.target.get("kind") == "cuda" and not dev.exist:
+                raise HardwareMismatchError("module needs a CUDA GPU and none is visible")
+            self._vm = VirtualMachine(self._exec if self._exec is not None else self._lib, dev)
+        return self._vm
+
+    def _arguments(self, args, kwargs) -> list:
+        import tvm
+
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            given = dict(args[0])
+        else:
+            if len(args) > len(self.inputs):
+                raise InputError(f"got {len(args)} positional inputs, the model takes {len(self.inputs)}")
+            given = {spec["name"]: a for spec, a in zip(self.inputs, args)}
+            given.update(kwargs)
+        names = [i["name"] for i in self.inputs]
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise InputError(f"unknown input {unknown[0]!r}", tensor=unknown[0], hint=f"inputs are {names}")
+        dev = self._device()
+        out = []
+        for spec in self.inputs:
+            name = spec["name"]
+            if name not in given:
+                raise InputError("missing input", tensor=name, hint=f"inputs are {names}")
+            arr = np.asarray(given[name])
+            if list(arr.shape) != list(spec["shape"]):
+                raise InputError(f"shape {list(arr.shape)} does not match the compiled {spec['shape']}", tensor=name)
+            if str(arr.dtype) != spec["dtype"]:
+                raise InputError(f"dtype {arr.dtype} does not match the compiled {spec['dtype']}", tensor=name,
+                                 hint=f"convert with .astype('{spec['dtype']}')")
+            out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), dev))
+        return out
+
+    def run(self, *args, **kwargs) -> list[np.ndarray]:
+        """Run on ``{name: array}`` (or positional arrays); returns a list of arrays."""
+        vm = self._machine()
+        result = vm["main"](*self._arguments(args, kwargs))
+        return _to_numpy_list(result)
+
+    __call__ = run
+
+    def benchmark(self, inputs, number: int = 10, repeat: int = 5) -> dict:
+        """Median latency (ms) of ``repeat`` measurements, each the mean of ``number`` runs."""
+        vm = self._machine()
+        args = self._arguments((inputs,), {})
+        res = vm.time_evaluator("main", self._device(), number=number, repeat=repeat)(*args)
+        times = [t * 1e3 for t in res.results]
+        return {"median_ms": float(np.median(times)), "min_ms": float(min(times)), "runs": len(times) * number}
+
+    # ---- saving --------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (a directory) atomically; returns it."""
+        path = Path(path)
+        if self._exec is None and "_source" not in self.manifest:
+            raise ArtifactError("this module has no library to save", file=str(path))
+        parent = path.parent if str(path.parent) else Path(".")
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+        try:
+            lib_path = tmp / _LIB
+            if self._exec is not None:
+                self._exec.export_library(str(lib_path))
+            else:
+                shutil.copyfile(Path(self.manifest["_source"]) / _LIB, lib_path)
+            manifest = {k: v for k, v in self.manifest.items() if not k.startswith("_")}
+            manifest["format"] = FORMAT
+            manifest["versions"] = _versions()
+            manifest["saved"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            manifest["sha256"] = _digest(lib_path.read_bytes(), manifest)
+            with open(tmp / _MANIFEST, "w") as f:
+                json.dump(manifest, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
+                os.replace(path, old / "x")
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def _to_numpy_list(result) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    out = []
+    for item in result:
+        out.extend(_to_numpy_list(item))
+    return out
+
+
+def load(path: str | os.PathLike) -> CompiledModule:
+    """Load a saved module with the TVM runtime only, after checking it."""
+    path = Path(path)
+    man_path, lib_path = path / _MANIFEST, path / _LIB
+    if not path.is_dir() or not man_path.is_file() or not lib_path.is_file():
+        raise ArtifactError("not a saved soniq module (needs a directory with manifest.json and module.so)",
+                            file=str(path), hint="create one with soniq_tvm.compile(...).save(path)")
+    try:
+        manifest = json.loads(man_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"manifest is unreadable: {e}", file=str(man_path)) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"manifest format is not {FORMAT}", file=str(man_path))
+    lib_bytes = lib_path.read_bytes()
+    if manifest.get("sha256") != _digest(lib_bytes, manifest):
+        raise ArtifactError("content hash does not match: the module was corrupted or modified",
+                            file=str(path), hint="recompile and save it again")
+    built = manifest.get("versions", {})
+    now = _versions()
+    for key in ("tvm", "tvm_ffi"):
+        if built.get(key) != now[key]:
+            raise ArtifactError(f"built with {key} {built.get(key)}, this runtime has {now[key]}",
+                                file=str(path), hint="recompile with this installation")
+    arch = manifest.get("arch")
+    if arch and arch != hardware.host_arch():
+        raise HardwareMismatchError(f"module was built for {arch}, this machine is {hardware.host_arch()}",
+                                    file=str(path))
+    missing = hardware.missing_features(manifest.get("required_features", []))
+    if missing:
+        raise HardwareMismatchError(f"this CPU lacks {', '.join(missing)}, which the module was built to use",
+                                    file=str(path), hint="recompile for this CPU, e.g. target='llvm'")
+    import tvm
+
+    try:
+        lib = tvm.runtime.load_module(str(lib_path))
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"the library does not load: {str(e).splitlines()[0]}", file=str(lib_path)) from None
+    manifest["_source"] = str(path)
+    return CompiledModule(lib, manifest)

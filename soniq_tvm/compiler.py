@@ -1,0 +1,194 @@
+"""``compile()`` and ``inspect()``: an annotated ONNX file in, a module out.
+
+The flow is ONNX file -> annotations -> Relax -> passes (``passes/pipeline.py``)
+-> ``tvm.compile`` -> :class:`~soniq_tvm.artifact.CompiledModule`. This module
+does the ONNX-side work (reading, validating, naming layers, input/output
+signatures) and assembles the precision plan; the passes do the rest.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from . import hardware
+from .artifact import CompiledModule
+from .errors import SoniqError, UnsupportedModelError
+from .plan import GroupPlan, LayerPlan, Plan
+from .targets import describe, parse_target, to_tvm_target
+
+__all__ = ["compile", "inspect", "prepare"]
+
+_INT_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def _model(model):
+    from .annotation import load_model
+
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(str(model)), str(model)
+    return model, "<ModelProto>"
+
+
+def _node_names(graph) -> dict[int, str]:
+    return {i: (n.name or f"{n.op_type}_{i}") for i, n in enumerate(graph.node)}
+
+
+def _weight_infos(model) -> dict:
+    """Weight tensor name -> WeightInfo for every weight DequantizeLinear."""
+    from soniq_tvm.passes.fold_qdq import WeightInfo
+
+    from .annotation import read_annotations
+
+    anns = read_annotations(model)
+    names = _node_names(model.graph)
+    consumers = defaultdict(list)
+    for i, n in enumerate(model.graph.node):
+        for t in n.input:
+            consumers[t].append(i)
+    infos = {}
+    for ann in anns.values():
+        if ann.kind != "weight":
+            continue
+        layer, frontier = None, [ann.name]
+        for _hop in range(3):  # DQ -> [Transpose] -> Conv/MatMul/Gemm
+            nxt = [i for t in frontier for i in consumers.get(t, [])]
+            hit = [i for i in nxt if model.graph.node[i].op_type in _INT_OPS]
+            if hit:
+                layer = names[hit[0]]
+                break
+            frontier = [o for i in nxt for o in model.graph.node[i].output]
+        infos[ann.input] = WeightInfo(node=layer or ann.node, bits=tuple(ann.bits), axis=ann.axis,
+                                      signed=ann.signed)
+    return infos
+
+
+def _signature(model, shapes: dict | None) -> tuple[list, list]:
+    from onnx import helper
+
+    inits = {i.name for i in model.graph.initializer}
+    ins, outs = [], []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = []
+        for k, d in enumerate(tt.shape.dim):
+            if shapes and vi.name in shapes:
+                dims = [int(v) for v in shapes[vi.name]]
+                break
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            else:
+                raise UnsupportedModelError(
+                    f"dimension {k} is dynamic ({d.dim_param or '?'}); the compiler needs static shapes",
+                    tensor=vi.name, hint=f"pass shapes={{'{vi.name}': [...]}} (CLI: --shape {vi.name}=1,3,224,224)")
+        ins.append({"name": vi.name, "shape": dims,
+                    "dtype": str(np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)))})
+    for vi in model.graph.output:
+        tt = vi.type.tensor_type
+        outs.append({"name": vi.name, "dtype": str(np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))),
+                     "shape": [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]})
+    return ins, outs
+
+
+def _check_ops(model) -> None:
+    """Fail early, naming the node, on operators TVM's importer does not know."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map())
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    for i, n in enumerate(model.graph.node):
+        if n.domain not in ("", "ai.onnx") or n.op_type not in known:
+            raise UnsupportedModelError(
+                f"operator {n.op_type!r} (domain {n.domain or 'ai.onnx'}, opset {opset}) is not supported",
+                node=n.name or f"{n.op_type}_{i}",
+                hint="convert it to standard ONNX ops (QOperator models: export as QDQ)")
+
+
+def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None):
+    """Run the passes; returns ``(pipeline result, target dict, model, inputs, outputs)``."""
+    from soniq_tvm.passes.pipeline import run_pipeline
+
+    from .annotation import to_int8_initializers
+
+    model, source = _model(model)
+    tgt = parse_target(target)
+    infos = _weight_infos(model)
+    ins, outs = _signature(model, shapes)
+    _check_ops(model)
+    widened = to_int8_initializers(model)
+    shape_dict = {i["name"]: i["shape"] for i in ins}
+    try:
+        result = run_pipeline(widened, infos, to_tvm_target(tgt), shapes=shape_dict, family=family,
+                              dump_dir=dump_ir)
+    except SoniqError:
+        raise
+    except Exception as e:  # noqa: BLE001  (importer errors are untyped)
+        first = str(e).strip().splitlines()
+        raise UnsupportedModelError(f"TVM could not import or lower the model: {first[-1] if first else e}",
+                                    file=source) from e
+    return result, tgt, model, ins, outs
+
+
+def build_plan(result, tgt: dict) -> Plan:
+    from soniq_tvm.passes.pipeline import _soniq_layers
+
+    groups = defaultdict(list)
+    for op in _soniq_layers(result.mod):
+        groups[op.layer].append(op)
+    layers = []
+    for whole in result.layers:
+        safe = "".join(ch if ch.isalnum() else "_" for ch in whole.layer)[:40]
+        gps = tuple(
+            GroupPlan(index=max(op.group, 0), w_bits=op.w_bit, a_bits=op.a_bit, in_channels=op.in_channels,
+                      out_channels=op.out_channels, family=op.family, macs=op.macs,
+                      bytes_int8=op.weight_bytes_int8, bytes_packed=op.weight_bytes_packed)
+            for op in sorted(groups.get(whole.layer, []), key=lambda o: o.group))
+        layers.append(LayerPlan(name=whole.layer, kind=whole.kind, w_axis=whole.w_axis, w_bits=whole.w_bits,
+                                a_bits=whole.a_bits, groups=gps, gathers=result.gathers.get(safe, 0)))
+    notes = []
+    folded = sum(result.gathers_after_split.values()) - sum(result.gathers.values())
+    if result.gathers_after_split:
+        notes.append(f"{folded} of {sum(result.gathers_after_split.values())} channel permutations folded "
+                     "into producers")
+    return Plan(layers=tuple(layers), target=describe(tgt), notes=tuple(notes))
+
+
+def inspect(model, target="llvm", *, shapes=None, family=None) -> Plan:
+    """The precision plan of ``model`` on ``target`` (runs the passes, builds nothing)."""
+    result, tgt, *_ = prepare(model, target, shapes=shapes, family=family)
+    return build_plan(result, tgt)
+
+
+def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None) -> CompiledModule:  # noqa: A001
+    """Compile an annotated ONNX model (path or ModelProto) for ``target``.
+
+    ``target``: a legacy string (``"llvm -mcpu=skylake-avx512"``), a dict, or a
+    ``tvm.target.Target``; ``"llvm"`` is this host. ``shapes`` fixes dynamic input
+    shapes; ``family`` forces one kernel family for every group (testing);
+    ``dump_ir`` writes the IR after each pass into that directory.
+    """
+    import tvm
+
+    t0 = time.time()
+    result, tgt, model, ins, outs = prepare(model, target, shapes=shapes, family=family, dump_ir=dump_ir)
+    tvm_target = to_tvm_target(tgt)
+    try:
+        executable = tvm.compile(result.mod, target=tvm_target)
+    except Exception as e:  # noqa: BLE001
+        lines = str(e).strip().splitlines()
+        raise UnsupportedModelError(f"building for {describe(tgt)} failed: {lines[-1] if lines else e}") from e
+    plan = build_plan(result, tgt)
+    manifest = {
+        "inputs": ins,
+        "outputs": outs,
+        "target": tgt,
+        "arch": hardware.target_arch(tgt) if tgt["kind"] == "llvm" else hardware.host_arch(),
+        "required_features": hardware.required_features(tgt),
+        "plan": plan.to_dict(),
+        "compile_seconds": round(time.time() - t0, 3),
+    }
+    return CompiledModule(executable, manifest, executable=executable)

@@ -1,0 +1,73 @@
+"""What the code needs and what this machine has, without importing TVM.
+
+Compiled CPU code may use instructions the loading machine lacks (an AVX-512
+artifact on an AVX2 host): running it would kill the process with SIGILL. The
+compiler records the ISA features a module needs (:func:`required_features`, at
+compile time, with LLVM's help); the loader compares them with
+:func:`host_features` and refuses with a clear error instead.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+
+__all__ = ["host_arch", "host_features", "required_features", "missing_features", "TRACKED"]
+
+# LLVM feature name -> /proc/cpuinfo flag (x86). Features worth refusing on.
+TRACKED = {
+    "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt", "avx": "avx", "avx2": "avx2",
+    "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avx512bitalg": "avx512_bitalg", "avx512vbmi": "avx512vbmi", "avx512bf16": "avx512_bf16",
+    "avx512fp16": "avx512_fp16", "avxvnni": "avx_vnni", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
+}
+
+
+def host_arch() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+@functools.lru_cache(maxsize=1)
+def host_features() -> frozenset[str]:
+    """LLVM names of the tracked features this CPU reports (x86 Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return frozenset()
+    have = set(flags)
+    return frozenset(llvm for llvm, linux in TRACKED.items() if linux in have)
+
+
+def target_arch(target: dict) -> str:
+    triple = target.get("mtriple", "")
+    if triple:
+        return triple.split("-")[0].replace("arm64", "aarch64")
+    return host_arch() if target.get("kind") == "llvm" else target.get("kind", "")
+
+
+def required_features(target: dict) -> list[str]:
+    """Tracked features an llvm target enables (needs TVM: compile time only)."""
+    if target.get("kind") != "llvm" or target_arch(target) != "x86_64":
+        return []
+    from . import tvm_shim
+    from .targets import to_tvm_target
+
+    enabled = set(tvm_shim.llvm_cpu_features(to_tvm_target(target)))
+    return sorted(f for f in TRACKED if f in enabled)
+
+
+def missing_features(required: list[str]) -> list[str]:
+    have = host_features()
+    return [f for f in required if f not in have]
+
+
+def host_safe_mattr(mcpu_features: list[str]) -> list[str]:
+    """``-feature`` entries for tracked features LLVM assumes for the host CPU
+    but /proc/cpuinfo does not report (masked by a hypervisor)."""
+    have = host_features()
+    if not have:
+        return []
+    return [f"-{f}" for f in mcpu_features if f in TRACKED and f not in have]
