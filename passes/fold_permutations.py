@@ -29,6 +29,8 @@ _TAKE = tv.op("take")
 _UNARY = {tv.op(n) for n in ("nn.relu", "astype", "clip", "sigmoid", "tanh", "negative", "round", "nn.gelu",
                              "nn.gelu_tanh", "nn.silu", "exp", "abs", "floor", "ceil")}
 _QDQ = {tv.op("quantize"), tv.op("dequantize")}
+_POOL = {tv.op(n) for n in ("nn.max_pool2d", "nn.avg_pool2d", "nn.adaptive_avg_pool2d")}
+_RESHAPE = tv.op("reshape")
 _BINARY = {tv.op(n) for n in ("add", "subtract", "multiply", "divide", "maximum", "minimum")}
 
 
@@ -62,10 +64,11 @@ class _Folder:
         elif isinstance(expr, tv.relax.TupleGetItem):
             self._count(expr.tuple_value)
 
-    def push(self, var, perm: np.ndarray, axis: int):
+    def push(self, var, perm: np.ndarray, axis: int, allowed_uses: int = 1):
         """Rewrites ``{var: new value}`` making ``var`` hold its channels permuted by
-        ``perm`` along ``axis``, or None when that is not legal."""
-        if not isinstance(var, tv.relax.Var) or self.uses.get(var, 0) != 1 or var not in self.defs:
+        ``perm`` along ``axis``, or None when that is not legal. ``allowed_uses``:
+        how many consumers of ``var`` are the gathers being folded."""
+        if not isinstance(var, tv.relax.Var) or self.uses.get(var, 0) != allowed_uses or var not in self.defs:
             return None
         value = self.defs[var]
         if isinstance(value, tv.relax.Var):  # an alias binding
@@ -86,9 +89,10 @@ class _Folder:
         if value.op == _TAKE and var.name.startswith("soniq_unperm") and int(value.attrs.axis) % rank == axis:
             inner = tv.const_value(value.args[1])
             return {var: tv.relax.Call(_TAKE, [value.args[0], tv.const(inner[perm])], value.attrs)}
-        if value.op in _UNARY:
-            sub = self.push(value.args[0], perm, axis)
-            return None if sub is None else sub
+        if value.op in _UNARY or (value.op in _POOL and axis == 1 and str(value.attrs.layout) == "NCHW"):
+            return self.push(value.args[0], perm, axis)
+        if value.op == _RESHAPE:
+            return self._push_squeeze(value.args[0], tv.shape_of(var), perm, axis)
         if value.op in _QDQ:
             new_args = [value.args[0]]
             for a in value.args[1:]:
@@ -123,18 +127,34 @@ class _Folder:
         return None
 
 
+    def _push_squeeze(self, src, out_shape, perm, axis):
+        """Through a reshape that only adds or drops unit dimensions around the
+        channel axis (``[1, C, 1, 1] -> [1, C]``)."""
+        in_shape = tv.shape_of(src)
+        c = out_shape[axis]
+        big = [j for j, d in enumerate(in_shape) if d != 1]
+        if c == 1 or c not in in_shape or big != [in_shape.index(c)] \
+                or any(d != 1 for j, d in enumerate(out_shape) if j != axis):
+            return None
+        return self.push(src, perm, big[0])
+
+
 def _fold_function(mod, func):
     folder = _Folder(mod, func)
-    rewrites = {}
+    # gathers of the same tensor with the same permutation fold together (q/k/v)
+    same: dict = {}
     for var, value in folder.defs.items():
-        if not (var.name.startswith(PERM_PREFIX) and isinstance(value, tv.relax.Call) and value.op == _TAKE):
-            continue
-        rank = len(tv.shape_of(var))
-        perm = tv.const_value(value.args[1])
-        sub = folder.push(value.args[0], perm, int(value.attrs.axis) % rank)
+        if var.name.startswith(PERM_PREFIX) and isinstance(value, tv.relax.Call) and value.op == _TAKE:
+            rank = len(tv.shape_of(var))
+            perm = tv.const_value(value.args[1])
+            key = (value.args[0], int(value.attrs.axis) % rank, perm.tobytes())
+            same.setdefault(key, (perm, []))[1].append(var)
+    rewrites = {}
+    for (src, axis, _), (perm, gathers) in same.items():
+        sub = folder.push(src, perm, axis, allowed_uses=len(gathers))
         if sub is not None and not (set(sub) & set(rewrites)):
             rewrites.update(sub)
-            rewrites[var] = value.args[0]  # the gather becomes an alias
+            rewrites.update({g: src for g in gathers})  # each gather becomes an alias
     if not rewrites:
         return func
     blocks = []
