@@ -2,7 +2,9 @@
 
 A saved module is a directory ``NAME.soniq/`` holding
 
-* ``module.so``: the compiled library (Relax VM executable and kernels);
+* ``module.so``: the compiled library (Relax VM executable and kernels); for a
+  foreign architecture (cross-compiled, e.g. aarch64 on x86) ``module.tar``
+  holding the object files instead, linked on the target machine at load time;
 * ``manifest.json``: format, input/output names, shapes and dtypes, the target,
   the ISA features the code needs, the precision plan, library versions and a
   SHA-256 over the library and the manifest.
@@ -31,7 +33,7 @@ from .errors import ArtifactError, HardwareMismatchError, InputError
 __all__ = ["CompiledModule", "load", "FORMAT"]
 
 FORMAT = "soniq-module/1"
-_LIB, _MANIFEST = "module.so", "manifest.json"
+_LIB, _TAR, _MANIFEST = "module.so", "module.tar", "manifest.json"
 
 
 def _versions() -> dict:
@@ -159,12 +161,14 @@ class CompiledModule:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
         try:
-            lib_path = tmp / _LIB
+            foreign = self.manifest.get("arch", hardware.host_arch()) != hardware.host_arch()
+            lib_path = tmp / (_TAR if foreign else _LIB)
             if self._exec is not None:
-                self._exec.export_library(str(lib_path))
+                self._exec.export_library(str(lib_path))  # .tar: objects only, no cross linker needed
             else:
-                shutil.copyfile(Path(self.manifest["_source"]) / _LIB, lib_path)
+                shutil.copyfile(Path(self.manifest["_source"]) / self.manifest["library"], lib_path)
             manifest = {k: v for k, v in self.manifest.items() if not k.startswith("_")}
+            manifest["library"] = lib_path.name
             manifest["format"] = FORMAT
             manifest["versions"] = _versions()
             manifest["saved"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -198,9 +202,9 @@ def _to_numpy_list(result) -> list[np.ndarray]:
 def load(path: str | os.PathLike) -> CompiledModule:
     """Load a saved module with the TVM runtime only, after checking it."""
     path = Path(path)
-    man_path, lib_path = path / _MANIFEST, path / _LIB
-    if not path.is_dir() or not man_path.is_file() or not lib_path.is_file():
-        raise ArtifactError("not a saved soniq module (needs a directory with manifest.json and module.so)",
+    man_path = path / _MANIFEST
+    if not path.is_dir() or not man_path.is_file():
+        raise ArtifactError("not a saved soniq module (needs a directory with manifest.json and the library)",
                             file=str(path), hint="create one with soniq_tvm.compile(...).save(path)")
     try:
         manifest = json.loads(man_path.read_text())
@@ -208,6 +212,9 @@ def load(path: str | os.PathLike) -> CompiledModule:
         raise ArtifactError(f"manifest is unreadable: {e}", file=str(man_path)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"manifest format is not {FORMAT}", file=str(man_path))
+    lib_path = path / str(manifest.get("library", _LIB))
+    if lib_path.name not in (_LIB, _TAR) or not lib_path.is_file():
+        raise ArtifactError(f"library {lib_path.name} is missing", file=str(path))
     lib_bytes = lib_path.read_bytes()
     if manifest.get("sha256") != _digest(lib_bytes, manifest):
         raise ArtifactError("content hash does not match: the module was corrupted or modified",

@@ -1,0 +1,113 @@
+"""Both bundled example models, compiled and checked against ONNX Runtime; the
+saved module loaded and run in a fresh process; cross-built artifacts refused."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import soniq_tvm
+from soniq_tvm import HardwareMismatchError, hardware, models
+from soniq_tvm.targets import parse_target
+from soniq_tvm.verify import verify
+
+
+@pytest.fixture(scope="module", params=["cnn", "transformer"])
+def example(request):
+    proto = models.example_cnn() if request.param == "cnn" else models.example_transformer()
+    return request.param, proto, soniq_tvm.compile(proto, "llvm")
+
+
+def test_matches_onnx_runtime(example):
+    name, proto, m = example
+    for seed in range(3):
+        report = verify(proto, m, inputs=models.example_inputs(proto, seed=seed))
+        assert report.ok, f"{name} seed {seed}:\n{report}"
+
+
+def test_plan_is_mixed_and_packed(example):
+    _, _, m = example
+    plan = m.plan
+    assert plan.layers, "no integer layer was folded"
+    assert any(len(l.groups) >= 2 for l in plan.layers), "no layer was split into channel groups"
+    assert plan.bytes_after < plan.bytes_before
+    for layer in plan.layers:
+        assert sum(g.in_channels for g in layer.groups if g.index == layer.groups[0].index) > 0
+        assert all(1 <= g.w_bits <= 8 and 1 <= g.a_bits <= 8 for g in layer.groups)
+    back = soniq_tvm.Plan.from_dict(json.loads(plan.to_json()))
+    assert back == plan
+    assert "packed" in str(plan)
+
+
+def test_save_load_run_in_fresh_process(example, tmp_path):
+    name, proto, m = example
+    inputs = models.example_inputs(proto, seed=5)
+    expect = m.run(inputs)
+    path = m.save(tmp_path / f"{name}.soniq")
+    np.savez(tmp_path / "in.npz", **inputs)
+    code = f"""
+import sys, numpy as np, soniq_tvm
+m = soniq_tvm.load({str(path)!r})
+ins = dict(np.load({str(tmp_path / 'in.npz')!r}))
+np.save({str(tmp_path / 'out.npy')!r}, m.run(ins)[0])
+print(sorted(k for k in ("onnx", "soniq_tvm.passes", "soniq_tvm.compiler", "onnxruntime") if k in sys.modules))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]", "loading imported compiler-side modules"
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expect[0])
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["plan"]["layers"] and manifest["inputs"][0]["name"] in inputs
+    assert set(manifest["versions"]) >= {"tvm", "tvm_ffi", "soniq_tvm"} and len(manifest["sha256"]) == 64
+
+
+def test_save_is_atomic_and_replaces(example, tmp_path):
+    _, _, m = example
+    p = m.save(tmp_path / "a.soniq")
+    m.save(p)  # overwrite in place
+    leftovers = [q.name for q in tmp_path.iterdir() if q.name != "a.soniq"]
+    assert leftovers == []
+    assert sorted(q.name for q in p.iterdir()) == ["manifest.json", "module.so"]
+    assert json.loads((p / "manifest.json").read_text())["library"] == "module.so"
+
+
+def _unsupported_x86_target():
+    for cpu in ("skylake-avx512", "icelake-server", "sapphirerapids", "graniterapids", "diamondrapids"):
+        d = parse_target(f"llvm -mcpu={cpu}")
+        if hardware.missing_features(hardware.required_features(d)):
+            return d
+    return None
+
+
+def test_cross_built_x86_artifact_is_refused(tmp_path):
+    target = _unsupported_x86_target()
+    if target is None:
+        pytest.skip("this CPU supports every x86 feature set we can cross-build for")
+    proto = models.example_cnn()
+    m = soniq_tvm.compile(proto, target)
+    path = m.save(tmp_path / "x86.soniq")
+    missing = hardware.missing_features(hardware.required_features(target))
+    with pytest.raises(HardwareMismatchError, match=missing[0]):
+        soniq_tvm.load(path)
+    with pytest.raises(HardwareMismatchError):
+        m.run(models.example_inputs(proto))
+
+
+def test_cross_built_aarch64_artifact_saved_and_refused(tmp_path):
+    if hardware.host_arch() == "aarch64":
+        pytest.skip("host is aarch64")
+    proto = models.example_transformer()
+    m = soniq_tvm.compile(proto, "llvm -mtriple=aarch64-linux-gnu -mattr=+neon")
+    path = m.save(tmp_path / "arm.soniq")
+    import tarfile
+
+    with tarfile.open(path / "module.tar") as tar:
+        objects = [t for t in tar.getmembers() if t.name.endswith(".o")]
+        assert objects
+        head = tar.extractfile(objects[0]).read(20)
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(HardwareMismatchError, match="aarch64"):
+        soniq_tvm.load(path)
