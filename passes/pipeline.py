@@ -75,10 +75,15 @@ def _soniq_layers(mod) -> list:
 
 
 def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
-                 dump_dir: str | None = None) -> PipelineResult:
-    """Run phases 0-7 on an ONNX ModelProto (int4 initializers already widened)."""
+                 dump_dir: str | None = None, stop_after: str | None = None) -> PipelineResult:
+    """Run phases 0-7 on an ONNX ModelProto (int4 initializers already widened),
+    or up to and including ``stop_after`` (one of :data:`PHASES`)."""
+    assert stop_after is None or stop_after in PHASES, stop_after
     mod, params = import_onnx(model, shapes)
     _dump(dump_dir, 0, "import", mod)
+    result = PipelineResult(mod=mod)
+    if stop_after == "import":
+        return result
     steps = [
         ("canonicalize", CanonicalizeMinMax),
         ("fold_qdq", FoldQDQ(params, weights, target)),
@@ -93,7 +98,6 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
         ("pack", PackWeights(target, force=family)),
         ("cleanup", tv.relax.transform.DeadCodeElimination()),
     ]
-    result = PipelineResult(mod=None)
     for i, (name, p) in enumerate(steps, start=1):
         mod = p(mod)
         _dump(dump_dir, i, name, mod)
@@ -103,5 +107,7 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
             result.gathers_after_split = count_gathers(mod)
         elif name == "permute":
             result.gathers = count_gathers(mod)
-    result.mod = mod
+        result.mod = mod
+        if name == stop_after:
+            break
     return result

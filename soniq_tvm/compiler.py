@@ -108,7 +108,7 @@ def _check_ops(model) -> None:
                 hint="convert it to standard ONNX ops (QOperator models: export as QDQ)")
 
 
-def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None):
+def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, stop_after=None):
     """Run the passes; returns ``(pipeline result, target dict, model, inputs, outputs)``."""
     from soniq_tvm.passes.pipeline import run_pipeline
 
@@ -123,7 +123,7 @@ def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None):
     shape_dict = {i["name"]: i["shape"] for i in ins}
     try:
         result = run_pipeline(widened, infos, to_tvm_target(tgt), shapes=shape_dict, family=family,
-                              dump_dir=dump_ir)
+                              dump_dir=dump_ir, stop_after=stop_after)
     except SoniqError:
         raise
     except Exception as e:  # noqa: BLE001  (importer errors are untyped)
