@@ -61,7 +61,11 @@ def finish_primfunc(args, out, op: QOp, target, schedule: bool = True):
     """PrimFunc of a TE compute, tagged with its QOp, with the outer loops of the
     main block parallel on CPU targets."""
     func = tv.te.create_prim_func(list(args) + [out]).with_attr("soniq.qop", op.to_json())
-    if not schedule or target is None or target.kind.name != "llvm":
+    if not schedule or target is None:
+        return func
+    if target.kind.name == "cuda":
+        return _gpu_fallback(func, target)
+    if target.kind.name != "llvm":
         return func
     sch = tv.s_tir.Schedule(func)
     for blk in ("pad",):
@@ -74,6 +78,17 @@ def finish_primfunc(args, out, op: QOp, target, schedule: bool = True):
     fused = sch.fuse(*loops[: max(1, spatial - 1)])
     sch.parallel(fused)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _gpu_fallback(func, target):
+    """dlight's generic GPU schedule (threads over the output, serial reduction):
+    its reduction rules do not accept the bit-plane indexing, so the kernel is
+    scheduled here and marked so the default pipeline leaves it alone."""
+    from tvm.s_tir import dlight as dl
+
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(tv.tvm.IRModule({"main": func}))
+    return mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 class Int8Reference:

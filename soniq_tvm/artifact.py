@@ -235,6 +235,9 @@ def load(path: str | os.PathLike) -> CompiledModule:
                                     file=str(path), hint="recompile for this CPU, e.g. target='llvm'")
     import tvm
 
+    if manifest.get("target", {}).get("kind") == "cuda" and not tvm.cuda(0).exist:
+        raise HardwareMismatchError("module was built for a CUDA GPU and none is visible here",
+                                    file=str(path), hint="run it on a machine with an NVIDIA GPU and driver")
     try:
         lib = tvm.runtime.load_module(str(lib_path))
     except Exception as e:  # noqa: BLE001

@@ -111,3 +111,37 @@ def test_cross_built_aarch64_artifact_saved_and_refused(tmp_path):
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
     with pytest.raises(HardwareMismatchError, match="aarch64"):
         soniq_tvm.load(path)
+
+
+@pytest.fixture(scope="module")
+def cuda_module():
+    proto = models.example_cnn()
+    return proto, soniq_tvm.compile(proto, "cuda -arch=sm_80")
+
+
+def test_cuda_build_without_gpu(cuda_module, tmp_path):
+    """CUDA code is generated and compiled here (nvcc), kernels included."""
+    _, m = cuda_module
+
+    def walk(mod):
+        yield mod
+        for sub in mod.imports:
+            yield from walk(sub)
+
+    kinds = [x.kind for x in walk(m._exec.mod)]
+    assert "cuda" in kinds
+    src = next(x for x in walk(m._exec.mod) if x.kind == "cuda").inspect_source()
+    assert "soniq_conv2d" in src and "__global__" in src
+    path = m.save(tmp_path / "gpu.soniq")
+    import tvm
+
+    if not tvm.cuda(0).exist:
+        with pytest.raises(HardwareMismatchError, match="CUDA"):
+            soniq_tvm.load(path)
+
+
+@pytest.mark.gpu
+def test_cuda_module_matches_onnx_runtime(cuda_module):
+    proto, m = cuda_module
+    report = verify(proto, m, inputs=models.example_inputs(proto))
+    assert report.ok, str(report)
