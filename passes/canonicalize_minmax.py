@@ -1,10 +1,12 @@
-"""Phase 1: turn the importer's n-ary Max/Min into binary ``maximum``/``minimum``.
+"""Phase 1: turn the importer's forms of Max/Min/Clip into ``maximum``/``minimum``.
 
 TVM's ONNX importer lowers ``Max(a, b)`` to
-``max(stack([broadcast_to(a, S), broadcast_to(b, S)]), axis=0)`` (likewise Min).
-soniq-qdq/1 clamps each activation channel with exactly such a pair, so the later
-passes want the plain elementwise form ``maximum(a, b)``. Anything else is left
-unchanged, including n-ary Max/Min over more than two tensors.
+``max(stack([broadcast_to(a, S), broadcast_to(b, S)]), axis=0)`` (likewise Min),
+and ``Clip(x, lo, hi)`` with tensor bounds to ``call_tir`` of TE ``maximum`` /
+``minimum`` kernels. soniq-qdq/1 clamps each activation channel with exactly such
+a pair, so the later passes want the plain elementwise ``maximum(a, b)``.
+Anything else is left unchanged, including n-ary Max/Min over more than two
+tensors.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from ._common import module_pass
 
 _REDUCE = {tv.op("max"): tv.relax.op.maximum, tv.op("min"): tv.relax.op.minimum}
 _STACK = tv.op("stack")
+_CALL_TIR = tv.op("call_tir")
+_TE_CLAMP = {"maximum": tv.relax.op.maximum, "minimum": tv.relax.op.minimum}
 _BCAST = tv.op("broadcast_to")
 
 
@@ -28,8 +32,19 @@ class _Canonicalize(tv.PyExprMutator):
             return value if value is not None else expr
         return expr
 
+    def _te_clamp(self, call):
+        """``call_tir(maximum|minimum, (a, b))`` from the importer's Clip -> Relax op."""
+        gv, args = call.args[0], call.args[1]
+        base = gv.name_hint.rstrip("0123456789_")
+        if base not in _TE_CLAMP or len(args.fields) != 2:
+            return call
+        out = self.builder_.normalize(_TE_CLAMP[base](*args.fields))
+        return out if tv.shape_of(out) == tv.shape_of(call) else call
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
+        if call.op == _CALL_TIR:
+            return self._te_clamp(call)
         binary = _REDUCE.get(call.op)
         if binary is None or call.attrs is None:
             return call

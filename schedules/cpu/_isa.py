@@ -14,7 +14,7 @@ import functools
 
 from soniq_tvm import tvm_shim as tv
 
-__all__ = ["features", "is_x86", "is_aarch64", "host_features", "bcast_word", "pmaddubsw", "pmaddwd",
+__all__ = ["features", "is_x86", "is_aarch64", "host_features", "bcast_word", "pmaddubsw", "pmaddwd", "adds16",
            "vpdpbusd512", "sdot", "ones16", "zeros"]
 
 tirx = tv.tirx
@@ -82,6 +82,14 @@ def bcast_word(vec, lanes: int, out_dtype: str):
 def pmaddubsw(a_u8x32, w_i8x32):
     """u8 x s8 pairs summed to int16 (SATURATING: callers prove it cannot)."""
     return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a_u8x32, w_i8x32)
+
+
+def adds16(a_i16x16, b_i16x16):
+    """Saturating int16 add (``vpaddsw``). Used for the 16-bit partial sums: the
+    bound that makes them exact also keeps every partial sum in range, so it never
+    saturates, and unlike a plain add LLVM does not re-associate it into a tree of
+    live temporaries (which spills the whole tile)."""
+    return tirx.call_llvm_pure_intrin("int16x16", "llvm.sadd.sat.v16i16", a_i16x16, b_i16x16)
 
 
 def pmaddwd(a_i16x16, b_i16x16):

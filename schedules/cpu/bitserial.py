@@ -1,0 +1,194 @@
+"""Bit-serial family: AND + popcount over bit-planes, for low x low bit widths.
+
+With the activations shifted to unsigned codes ``xc = x + off`` (``off = 2**(a-1)``
+for signed activations, else 0) split into planes ``xc = sum_i 2**i a_i`` and the
+weights written as planes with coefficients ``w = sum_j coef_j p_j``:
+
+* signed ``b >= 2`` bits: two's complement, ``coef = 1, 2, ..., -2**(b-1)``;
+* unsigned: ``coef = 1, 2, ..., 2**(b-1)``;
+* bipolar 1-bit ``w = 2 p_0 - 1``: ``coef = 2`` and a per-pixel ``-sum_k xc_k``
+  (the popcount of the activation planes alone, shared by all output channels),
+
+the dot product is ``sum_ij 2**i coef_j popcount(a_i & p_j) - off * sum_k w_k``,
+exact in int64 lanes. Popcounts are computed as signed int64 *before* scaling
+and summing (TVM emits unsigned subtraction with ``nuw``; see the field guide).
+
+Layout: the reduction of one tap (a group's ``Cg`` channels) is packed into
+``CW = ceil(Cg / 64)`` uint64 words. Weights ``wb[G, Ob, KH, KW, CW, NP, VL]``
+(``VL`` output channels per vector, ``NP`` planes) are packed at compile time;
+activations ``xb[N, Hp, Wp, G*CW, A]`` by the kernel at run time (channel padding
+is 0 in every plane, spatial padding holds the code of 0, i.e. ``off``). The tile
+is the int8-dot one: ``R`` pixels x ``J`` vectors of output channels, parallel
+over (n, group, output row, channel tile). LLVM lowers the vector popcount to
+``vpopcntq`` (AVX512-VPOPCNTDQ), a ``vpshufb`` nibble table (AVX2) or ``cnt`` +
+pairwise adds (NEON).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from soniq_tvm.qop import QOp, reference, weight_range
+
+from . import _isa
+from .int8dot import Geometry, _divisors
+
+__all__ = ["BitSerialFamily", "BITSERIAL", "weight_planes"]
+
+
+def weight_planes(op: QOp) -> list[int]:
+    """Coefficients of the packed weight planes. Bipolar ``w = 2 p_0 - 1``: one plane
+    with coefficient 2; the ``-1`` term, ``-sum_k xc_k = -sum_i 2**i popcount(a_i)``,
+    does not depend on the output channel and is computed once per pixel."""
+    b = op.w_bit
+    if op.bipolar:
+        return [2]
+    if op.w_signed:
+        return [1 << j for j in range(b - 1)] + [-(1 << (b - 1))]
+    return [1 << j for j in range(b)]
+
+
+def act_offset(op: QOp) -> int:
+    return (1 << (op.a_bit - 1)) if op.a_signed else 0
+
+
+class BitSerialFamily:
+    """Bit-serial popcount kernels (any LLVM CPU target; fastest with vpopcntq).
+
+    Knobs: ``vl`` uint64 lanes per vector (2, 4, 8: 128/256/512-bit), ``R`` pixels
+    per tile, ``J`` vectors of output channels per tile.
+    """
+
+    name = "cpu-bitserial"
+    max_bits = 4  # beyond this the plane count makes it lose to the dot families
+
+    def _lanes(self, op: QOp) -> int:
+        """uint64 lanes per vector: a knob (``vl``, default 4 = 256 bits) rather than a
+        target property, because ``pack`` sees only the op."""
+        return int((op.knobs or {}).get("vl", 4))
+
+    # bit-MACs per unit time, on the scale of Int8DotFamily.macs_per_cycle (from the
+    # 1x1-bit 3x3-conv benchmark in benchmarks/kernels.py)
+    def _rate(self, target) -> float:
+        f = _isa.features(target)
+        if "avx512vpopcntdq" in f and "avx512vl" in f:
+            return 200.0
+        if _isa.is_x86(target) and "avx2" in f:
+            return 66.0
+        if _isa.is_aarch64(target):
+            return 48.0
+        return 16.0
+
+    def accepts(self, op: QOp, target) -> bool:
+        if not op.uniform or target is None or target.kind.name != "llvm":
+            return False
+        if op.a_dtype not in ("int8", "uint8"):
+            return False
+        if not (_isa.is_x86(target) or _isa.is_aarch64(target)):
+            return False
+        g = Geometry.of(op)
+        if not g.matmul and g.cg == 1 and g.groups > 1:
+            return False
+        return op.w_bit <= self.max_bits and op.a_bit <= self.max_bits
+
+    def cost(self, op: QOp, target) -> float | None:
+        if not self.accepts(op, target):
+            return None
+        g = Geometry.of(op)
+        vl = self._lanes(op)
+        ogp = math.ceil(g.og / vl) * vl
+        cwp = math.ceil(g.cg / 64) * 64
+        bitmacs = g.n * g.groups * ogp * g.oh * g.ow * g.kh * g.kw * cwp * op.a_bit * len(weight_planes(op))
+        relayout = g.n * (g.h + 2) * (g.w + 2) * g.c * op.a_bit / 4.0
+        return float(bitmacs / self._rate(target) + relayout + 2.0 * np.prod(op.out_shape))
+
+    # ---- layout and knobs ----------------------------------------------------------
+    def layout(self, op: QOp) -> dict:
+        g = Geometry.of(op)
+        vl = self._lanes(op)
+        ob = math.ceil(g.og / vl)
+        return {"vl": vl, "ob": ob, "ogp": ob * vl, "cw": math.ceil(g.cg / 64), "np": len(weight_planes(op))}
+
+    def knob_space(self, op: QOp, target=None) -> dict[str, list]:
+        g = Geometry.of(op)
+        lay = self.layout(op)
+        return {"vl": [2, 4, 8], "R": [r for r in range(1, 9) if r <= g.ow and r * lay["vl"] * 8 < 1024],
+                "J": [j for j in _divisors(lay["ob"]) if j <= 8 and j * lay["vl"] * 8 < 1024]}
+
+    def knobs(self, op: QOp) -> dict:
+        g = Geometry.of(op)
+        lay = self.layout(op)
+        regs = 32 if lay["vl"] == 8 else 16
+        best = None
+        for j in (j for j in _divisors(lay["ob"]) if j <= 8):
+            for r in range(1, min(8, g.ow) + 1):
+                if r * j + j * lay["np"] + 4 > regs or r * j * lay["vl"] * 8 >= 1024:
+                    continue
+                waste = math.ceil(g.ow / r) * r / g.ow
+                score = (r * j) / (r + j) / waste
+                if best is None or score > best[0] + 1e-9:
+                    best = (score, r, j)
+        k = {"vl": lay["vl"], "R": best[1], "J": best[2]}
+        k.update({key: v for key, v in (op.knobs or {}).items() if key in ("R", "J")})
+        if not (1 <= k["R"] <= g.ow) or lay["ob"] % k["J"] or k["R"] * k["J"] * lay["vl"] * 8 >= 1024:
+            raise ValueError(f"{self.name}: knobs {k} invalid for {op.layer}")
+        return k
+
+    # ---- packing ----------------------------------------------------------------------
+    def pack(self, w: np.ndarray, op: QOp) -> list[np.ndarray]:
+        lay = self.layout(op)
+        g = Geometry.of(op)
+        w = np.asarray(w).astype(np.int64)
+        lo, hi = weight_range(op.w_bit, op.w_signed)
+        if w.size and (w.min() < lo or w.max() > hi):
+            raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
+        w4 = w.T.reshape(g.o, g.c, 1, 1) if g.matmul else w
+        wg = w4.reshape(g.groups, g.og, g.cg, g.kh, g.kw)
+        if op.bipolar:
+            planes = [(wg + 1) // 2]
+        else:
+            code = wg & ((1 << op.w_bit) - 1)
+            planes = [(code >> j) & 1 for j in range(op.w_bit)]
+        vl, cw = lay["vl"], lay["cw"]
+        bits = np.zeros((g.groups, lay["ogp"], g.kh, g.kw, cw * 64, lay["np"]), np.uint64)
+        for j, p in enumerate(planes):
+            bits[:, : g.og, :, :, : g.cg, j] = p.transpose(0, 1, 3, 4, 2)
+        words = (bits.reshape(g.groups, lay["ogp"], g.kh, g.kw, cw, 64, lay["np"])
+                 << np.arange(64, dtype=np.uint64)[None, None, None, None, None, :, None]).sum(axis=5, dtype=np.uint64)
+        # [G, Ogp, KH, KW, CW, NP] -> [G, Ob, KH, KW, CW, NP, VL]
+        wb = words.reshape(g.groups, lay["ob"], vl, g.kh, g.kw, cw, lay["np"]).transpose(0, 1, 3, 4, 5, 6, 2)
+        corr = np.zeros((g.groups, lay["ogp"]), np.int64)
+        corr[:, : g.og] = act_offset(op) * wg.sum(axis=(2, 3, 4))
+        return [np.ascontiguousarray(wb), corr.astype(np.int32)]
+
+    def unpack(self, packed: Sequence[np.ndarray], op: QOp) -> np.ndarray:
+        g = Geometry.of(op)
+        wb = np.asarray(packed[0])
+        gg, ob, kh, kw, cw, npl, vl = wb.shape
+        words = wb.transpose(0, 1, 6, 2, 3, 4, 5).reshape(gg, ob * vl, kh, kw, cw, npl)
+        bits = ((words[..., None, :] >> np.arange(64, dtype=np.uint64)[:, None]) & np.uint64(1)).astype(np.int64)
+        bits = bits.reshape(gg, ob * vl, kh, kw, cw * 64, npl)[:, : g.og, :, :, : g.cg]
+        coefs = np.array(weight_planes(op), np.int64)
+        wg = (bits * coefs).sum(axis=-1).transpose(0, 1, 4, 2, 3)  # [G, Og, Cg, KH, KW]
+        if op.bipolar:
+            wg = wg - 1
+        w4 = wg.reshape(g.o, g.cg, g.kh, g.kw)
+        return w4.reshape(g.o, g.c).T if g.matmul else w4
+
+    def reference(self, x, packed: Sequence[np.ndarray], op: QOp) -> np.ndarray:
+        return reference(x, self.unpack(packed, op), op)
+
+    # ---- kernel -----------------------------------------------------------------------
+    def primfunc(self, op: QOp, target=None):
+        from ._bitserial_tir import build
+
+        knobs = self.knobs(op)
+        lay = self.layout(op)
+        func = build(op, Geometry.of(op), lay, knobs, weight_planes(op), act_offset(op))
+        tagged = op.with_(family=self.name, knobs=knobs)
+        return func.with_attr("soniq.qop", tagged.to_json()).with_attr("tirx.is_scheduled", True)
+
+
+BITSERIAL = BitSerialFamily()
