@@ -111,3 +111,29 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
         if name == stop_after:
             break
     return result
+
+
+def build_pipeline(target):
+    """The Relax pipeline ``tvm.compile`` runs on our module: TVM's default, plus,
+    on CPUs, default schedules for every PrimFunc that is not one of our kernels
+    (TVM 0.27 schedules nothing on CPU by itself). Returns a pass, or "default"."""
+    if target.kind.name != "llvm":
+        return "default"
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    from soniq_tvm.schedules.cpu.generic import default_rules
+
+    @tv.tvm.transform.module_pass(opt_level=0, name="soniq.BuildPipeline")
+    def _build(mod, _ctx):
+        with target:
+            seq = tv.tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + [dl.ApplyDefaultSchedule(*default_rules())]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _build

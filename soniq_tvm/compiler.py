@@ -175,9 +175,11 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None) -> 
 
     t0 = time.time()
     result, tgt, model, ins, outs = prepare(model, target, shapes=shapes, family=family, dump_ir=dump_ir)
+    from soniq_tvm.passes.pipeline import build_pipeline
+
     tvm_target = to_tvm_target(tgt)
     try:
-        executable = tvm.compile(result.mod, target=tvm_target)
+        executable = tvm.compile(result.mod, target=tvm_target, relax_pipeline=build_pipeline(tvm_target))
     except Exception as e:  # noqa: BLE001
         lines = str(e).strip().splitlines()
         raise UnsupportedModelError(f"building for {describe(tgt)} failed: {lines[-1] if lines else e}") from e
