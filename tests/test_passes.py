@@ -164,3 +164,24 @@ def test_matmul_out_axis_split_restores_order(rng):
     assert "relax.concat" in _ops(res.mod)
     acc = case.xq.astype(np.int64) @ case.w.astype(np.int64)
     np.testing.assert_array_equal(_run(res.mod, case.x), (acc.astype(np.float32) * case.scale).astype(np.float32))
+
+
+def test_attention_matmuls_become_integer():
+    """Both operands dequantized activations (scores and context): int32 matmuls."""
+    from soniq_tvm import models
+
+    before = prepare(models.example_transformer(), stop_after="canonicalize")[0].mod
+    after = prepare(models.example_transformer(), stop_after="fold_qdq")[0].mod
+    float_mm = [c for c in _calls(before, "relax.matmul")]
+    int_mm = [c for c in _calls(after, "relax.matmul") if str(c.attrs.out_dtype) == "int32"]
+    assert len(float_mm) == 8 and len(int_mm) == 2  # 6 weight matmuls became kernels
+    for c in int_mm:
+        assert all(tv.dtype_of(a) == "int32" for a in c.args)
+
+
+def _calls(mod, name):
+    found = []
+    tv.relax.analysis.post_order_visit(
+        mod["main"].body, lambda e: found.append(e) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
+        and e.op.name == name else None)
+    return found
