@@ -5,6 +5,8 @@ import math
 
 from tvm.script import tirx as T
 
+from ._isa import parallel_loop
+
 from soniq_tvm import tvm_shim as tv
 
 
@@ -14,6 +16,7 @@ def _popc64(v, lanes):
 
 
 def build(op, g, lay, knobs, coefs, off):
+    par_loop = parallel_loop(op)
     R, J = knobs["R"], knobs["J"]
     VL, OB, OGP, CW, NPL = lay["vl"], lay["ob"], lay["ogp"], lay["cw"], lay["np"]
     A = op.a_bit
@@ -66,7 +69,7 @@ def build(op, g, lay, knobs, coefs, off):
                     xb[0, 0, c // 64, i, p] = xb[0, 0, c // 64, i, p] | T.shift_left(
                         T.Cast("uint64", T.shift_right(T.Cast("int32", xm[p, c]) + off, i) & 1), T.Cast("uint64", c % 64))
         else:
-            for p in T.parallel(N * HP):
+            for p in par_loop(N * HP):
                 for cwt, i, xx in T.grid(CWT, A, WP):
                     xb[p // HP, p % HP, cwt, i, xx] = T.uint64(0)
                 # spatial padding holds the code of 0 (`off` = bit A-1 set), channel padding 0
@@ -85,7 +88,7 @@ def build(op, g, lay, knobs, coefs, off):
                                     T.Cast("int32", x[p // HP, gg * CG + cl, p % HP - PT, xw]) + off, i) & 1),
                                 T.Cast("uint64", cl % 64))
         # ---- tiled popcount micro-kernel ----------------------------------------------------
-        for p in T.parallel(NPAR):
+        for p in par_loop(NPAR):
             for t in range(NSEQ):
                 q: T.let = p // OXT if PAR_OX else p
                 oxt: T.let = p % OXT if PAR_OX else t

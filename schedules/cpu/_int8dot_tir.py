@@ -22,6 +22,7 @@ def build(op, g, mode, lay, knobs, dot, off):
     CB, CGP, TC, OB, OGP = lay["cb"], lay["cgp"], lay["tc"], lay["ob"], lay["ogp"]
     NCH = CB // TC
     SUM16 = mode.name == "avx2-sum16"
+    par_loop = _isa.parallel_loop(op)
     if R * J * VL * 4 >= 1024:
         raise ValueError(f"tile R={R} J={J} needs {R * J * VL * 4} bytes of accumulators (< 1024 stay in registers)")
     N, C, H, W, O = g.n, g.c, g.h, g.w, g.o
@@ -61,13 +62,13 @@ def build(op, g, mode, lay, knobs, dot, off):
             xs = T.alloc_buffer((N, HP, WP, CT), AD)
             if g.matmul:
                 xm = T.decl_buffer((M, C), XD, data=x.data)
-                for p in T.parallel(M):
+                for p in par_loop(M):
                     for c in range(CT):
                         xs[0, 0, p, c] = T.Cast(AD, off)
                     for c in range(C):
                         xs[0, 0, p, c] = T.Cast(AD, T.Cast("int32", xm[p, c]) + off)
             else:
-                for p in T.parallel(N * HP):
+                for p in par_loop(N * HP):
                     for xx, c in T.grid(WP, CT):
                         xs[p // HP, p % HP, xx, c] = T.Cast(AD, off)
                     if PT <= p % HP and p % HP < PT + H:
@@ -77,7 +78,7 @@ def build(op, g, mode, lay, knobs, dot, off):
         else:
             xs = T.decl_buffer((1, 1, M, C), XD, data=x.data)
         # ---- tiled micro-kernel ---------------------------------------------------------
-        for p in T.parallel(NPAR):
+        for p in par_loop(NPAR):
             for t in range(NSEQ):
                 q: T.let = p // OXT if PAR_OX else p
                 oxt: T.let = p % OXT if PAR_OX else t

@@ -106,3 +106,14 @@ def vpdpbusd512(acc_i32x16, a_u8x64, w_i8x64):
 def sdot(acc_i32x4, a_i8x16, w_i8x16):
     """ARMv8.2 dotprod s8 x s8 quads summed into int32."""
     return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc_i32x4, a_i8x16, w_i8x16)
+
+
+MIN_PARALLEL_MACS = 1 << 18  # below this, waking the thread pool costs more than the work
+
+
+def parallel_loop(op):
+    """``T.parallel`` for ops big enough to share between threads, else ``T.serial``
+    (TVM's pool wakes every worker per parallel loop: microseconds each)."""
+    from tvm.script import tirx as T
+
+    return T.parallel if op.macs >= MIN_PARALLEL_MACS else T.serial

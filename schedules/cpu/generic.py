@@ -21,6 +21,7 @@ from soniq_tvm import tvm_shim as tv
 __all__ = ["Injective", "ParallelOuter", "default_rules"]
 
 _VECTOR_BYTES = 32  # one AVX2 register; LLVM splits wider on AVX-512 targets itself
+_MIN_PARALLEL = 8192  # elements: below this, waking the thread pool costs more than it saves
 
 
 def _is_llvm(target) -> bool:
@@ -66,11 +67,13 @@ class Injective(tv.s_tir.dlight.ScheduleRule):
             extent = _extent(sch, fused)
             dtype_bytes = _out_bytes(sch, b)
             lanes = max(1, _VECTOR_BYTES // dtype_bytes)
+            big = extent is None or extent >= _MIN_PARALLEL
             if extent is not None and extent % lanes == 0 and extent >= 4 * lanes:
                 outer, inner = sch.split(fused, [None, lanes])
-                sch.parallel(outer)
+                if big:
+                    sch.parallel(outer)
                 sch.vectorize(inner)
-            elif extent is None or extent > 1:
+            elif big:
                 sch.parallel(fused)
         return sch
 
@@ -97,9 +100,18 @@ class ParallelOuter(tv.s_tir.dlight.ScheduleRule):
                 continue
             fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
             extent = _extent(sch, fused)
-            if extent is None or extent > 1:
+            if extent is None or extent > 1 and _work(sch, b) >= _MIN_PARALLEL:
                 sch.parallel(fused)
         return sch
+
+
+def _work(sch, block) -> int:
+    """Iterations of all loops around ``block`` (a size estimate)."""
+    n = 1
+    for loop in sch.get_loops(block):
+        e = _extent(sch, loop)
+        n *= e if e is not None else _MIN_PARALLEL
+    return n
 
 
 def _extent(sch, loop):
