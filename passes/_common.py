@@ -42,7 +42,8 @@ def soniq_call(call, mod):
 def emit_qop(builder, op: QOp, x, weights: list[np.ndarray], family, target, name: str = "soniq_acc"):
     """Emit ``R.call_tir`` of ``family``'s kernel for ``op`` reading ``x`` and the
     packed ``weights`` (numpy arrays, emitted as constants); returns the var."""
-    func = family.primfunc(op.with_(family=family.name), target).without_attr("global_symbol")
+    op = op.with_(family=family.name, packed_bytes=int(sum(w.nbytes for w in weights)))
+    func = family.primfunc(op, target).without_attr("global_symbol")
     gv = builder.add_func(func, _kernel_name(op, family.name))
     args = [x] + [tv.const(w) for w in weights]
     return builder.emit(tv.call_tir(gv, args, op.out_shape, "int32"), name)

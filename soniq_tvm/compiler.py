@@ -145,7 +145,7 @@ def build_plan(result, tgt: dict) -> Plan:
         gps = tuple(
             GroupPlan(index=max(op.group, 0), w_bits=op.w_bit, a_bits=op.a_bit, in_channels=op.in_channels,
                       out_channels=op.out_channels, family=op.family, macs=op.macs,
-                      bytes_int8=op.weight_bytes_int8, bytes_packed=op.weight_bytes_packed)
+                      bytes_int8=op.weight_bytes_int8, bytes_packed=op.packed_bytes)
             for op in sorted(groups.get(whole.layer, []), key=lambda o: o.group))
         layers.append(LayerPlan(name=whole.layer, kind=whole.kind, w_axis=whole.w_axis, w_bits=whole.w_bits,
                                 a_bits=whole.a_bits, groups=gps, gathers=result.gathers.get(safe, 0)))

@@ -63,6 +63,7 @@ class QOp:
     group: int = -1  # index of this channel group inside its layer; -1: whole layer
     family: str = "int8-ref"  # kernel family that computes it
     knobs: dict = field(default_factory=dict, compare=False, hash=False)
+    packed_bytes: int = 0  # bytes of the family's packed weight constants (0: not packed yet)
     version: int = VERSION
 
     # ---- derived ---------------------------------------------------------
@@ -119,7 +120,7 @@ class QOp:
         return int(np.prod(self.w_shape))
 
     @property
-    def weight_bytes_packed(self) -> int:
+    def weight_bytes_bitplanes(self) -> int:
         """Bytes of the weights stored as bit-planes: ``w_bit`` planes of one bit
         per weight, each output row padded to whole bytes."""
         return self.out_channels * self.w_bit * ((self.reduction + 7) // 8)

@@ -30,7 +30,12 @@ def test_inspect_prints_plan(onnx_file, capsys):
 def test_inspect_json(onnx_file, capsys):
     assert main(["inspect", str(onnx_file), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["layers"] and plan["bytes_after"] < plan["bytes_before"]
+    from soniq_tvm.annotation import read_annotations
+
+    proto = models.example_cnn()
+    sizes = {i.name: int(np.prod(i.dims)) for i in proto.graph.initializer}
+    weights = sum(sizes[a.input] for a in read_annotations(proto).values() if a.kind == "weight")
+    assert plan["layers"] and plan["bytes_after"] > 0 and plan["bytes_before"] == weights
 
 
 def test_compile_run_verify(onnx_file, tmp_path, capsys):

@@ -33,13 +33,20 @@ def test_plan_is_mixed_and_packed(example):
     plan = m.plan
     assert plan.layers, "no integer layer was folded"
     assert any(len(l.groups) >= 2 for l in plan.layers), "no layer was split into channel groups"
-    assert plan.bytes_after < plan.bytes_before
+    assert all(g.bytes_packed > 0 for l in plan.layers for g in l.groups)  # real stored bytes per family
     for layer in plan.layers:
         assert sum(g.in_channels for g in layer.groups if g.index == layer.groups[0].index) > 0
         assert all(1 <= g.w_bits <= 8 and 1 <= g.a_bits <= 8 for g in layer.groups)
     back = soniq_tvm.Plan.from_dict(json.loads(plan.to_json()))
     assert back == plan
     assert "packed" in str(plan)
+
+
+def test_bitplane_packing_compresses(example):
+    name, proto, _ = example
+    plan = soniq_tvm.inspect(proto, family="bitplane-ref")
+    assert plan.bytes_after < 0.75 * plan.bytes_before, plan  # half the channels are 2-bit
+    assert plan.compression > 5
 
 
 def test_save_load_run_in_fresh_process(example, tmp_path):

@@ -60,15 +60,16 @@ def test_conv_split_axes_and_fractions(fraction, axis, rng):
         w_bits, w_axis = list(a_bits), 1  # tied: weight slice follows its activation channel
     else:
         w_bits, w_axis = two_level(cout, 3, 8, fraction, rng), 0
-    m = _check(conv_case(rng, cin, cout, a_bits, w_bits, w_axis=w_axis, a_signed=False))
-    layer = m.plan.layers[0]
+    case = conv_case(rng, cin, cout, a_bits, w_bits, w_axis=w_axis, a_signed=False)
+    _check(case)
+    layer = soniq_tvm.inspect(case.model, family="bitplane-ref").layers[0]
     n_in = len(set(a_bits))
     n_out = len(set(w_bits)) if w_axis == 0 else 1
     assert len(layer.groups) == n_in * n_out
     assert sum(g.bytes_int8 for g in layer.groups) == cin * cout * 9
     packed = sum(cout_g * wb * ((cin_g * 9 + 7) // 8) for cout_g, cin_g, wb in
                  ((g.out_channels, g.in_channels, g.w_bits) for g in layer.groups))
-    assert layer.bytes_after == packed
+    assert layer.bytes_after == packed  # bit-planes: each group at its own width
 
 
 @pytest.mark.parametrize("a_signed", [True, False])

@@ -24,7 +24,7 @@ def test_bitplane_round_trip(bits, k, signed, rng):
         w = np.where(w >= 0, 1, -1)
     packed = encode_bitplanes(w, op)
     assert packed.dtype == np.uint8 and packed.shape == (5, bits, (k + 7) // 8)
-    assert op.weight_bytes_packed == packed.size
+    assert op.weight_bytes_bitplanes == packed.size
     np.testing.assert_array_equal(decode_bitplanes(packed, op), w.T)
 
 
