@@ -40,9 +40,7 @@ class PipelineResult:
 
 def import_onnx(model, shapes: dict | None = None):
     """Phase 0: (module with named parameters, {parameter name: numpy value})."""
-    from tvm.relax.frontend.onnx import from_onnx
-
-    mod = from_onnx(model, shape_dict=shapes, keep_params_in_input=True)
+    mod = tv.from_onnx(model, shape_dict=shapes, keep_params_in_input=True)
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     names = [tv.var_name(p) for p in func.params[num_input:]]
@@ -119,21 +117,13 @@ def build_pipeline(target):
     (TVM 0.27 schedules nothing on CPU by itself). Returns a pass, or "default"."""
     if target.kind.name != "llvm":
         return "default"
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.s_tir import dlight as dl
-
     from soniq_tvm.schedules.cpu.generic import default_rules
 
     @tv.tvm.transform.module_pass(opt_level=0, name="soniq.BuildPipeline")
     def _build(mod, _ctx):
         with target:
-            seq = tv.tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(*default_rules())]
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target)
-            )
-            return seq(mod)
+            dispatch, legalize, lower, finalize = tv.cpu_pipeline_stages(target)
+            schedule = [tv.dlight.ApplyDefaultSchedule(*default_rules())]
+            return tv.tvm.transform.Sequential(dispatch + legalize + schedule + lower + finalize)(mod)
 
     return _build

@@ -84,10 +84,8 @@ def _gpu_fallback(func, target):
     """dlight's generic GPU schedule (threads over the output, serial reduction):
     its reduction rules do not accept the bit-plane indexing, so the kernel is
     scheduled here and marked so the default pipeline leaves it alone."""
-    from tvm.s_tir import dlight as dl
-
     with target:
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(tv.tvm.IRModule({"main": func}))
+        mod = tv.dlight.ApplyDefaultSchedule(tv.dlight.gpu.Fallback())(tv.tvm.IRModule({"main": func}))
     return mod["main"].with_attr("tirx.is_scheduled", True)
 
 

@@ -96,9 +96,9 @@ def _signature(model, shapes: dict | None) -> tuple[list, list]:
 
 def _check_ops(model) -> None:
     """Fail early, naming the node, on operators TVM's importer does not know."""
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+    from . import tvm_shim
 
-    known = set(_get_convert_map())
+    known = tvm_shim.onnx_supported_ops()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     for i, n in enumerate(model.graph.node):
         if n.domain not in ("", "ai.onnx") or n.op_type not in known:

@@ -14,6 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx, topi  # noqa: F401  (re-exported)
 from tvm import s_tir  # noqa: F401
+from tvm.s_tir import dlight  # noqa: F401
 from tvm.ir import Op
 from tvm.relax.expr_functor import PyExprMutator, mutator  # noqa: F401
 from tvm.target import Target, TargetKind  # noqa: F401
@@ -84,3 +85,24 @@ def host_cpu() -> str:
 def llvm_cpu_features(target) -> list[str]:
     """LLVM feature names enabled for an llvm target (its mcpu plus mattr)."""
     return sorted(str(f) for f in tvm.target.codegen.llvm_get_cpu_features(target))
+
+
+def from_onnx(model, shape_dict=None, keep_params_in_input=True):
+    from tvm.relax.frontend.onnx import from_onnx as _from_onnx
+
+    return _from_onnx(model, shape_dict=shape_dict, keep_params_in_input=keep_params_in_input)
+
+
+def onnx_supported_ops() -> set[str]:
+    """ONNX op types TVM's importer converts (a private table of the frontend)."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return set(_get_convert_map())
+
+
+def cpu_pipeline_stages(target):
+    """TVM's default CPU Relax pipeline as (dispatch, legalize, lower, finalize) lists."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return (cpu.library_dispatch_passes(target), cpu.legalize_passes(target),
+            cpu.dataflow_lower_passes(target), cpu.finalize_passes(target))
