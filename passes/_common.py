@@ -25,6 +25,15 @@ def module_pass(mutator_factory, name: str):
     return _pass
 
 
+def bound_value(mutator, expr):
+    """The value bound to ``expr`` in the function ``mutator`` is rewriting (or
+    ``expr`` itself when it is not a bound var)."""
+    if isinstance(expr, tv.relax.Var):
+        value = mutator.lookup_binding(expr)
+        return value if value is not None else expr
+    return expr
+
+
 def soniq_call(call, mod):
     """``(QOp, [args])`` if ``call`` is an ``R.call_tir`` of a soniq kernel, else None."""
     if not isinstance(call, tv.relax.Call) or call.op != CALL_TIR:

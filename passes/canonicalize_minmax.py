@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from soniq_tvm import tvm_shim as tv
 
-from ._common import module_pass
+from ._common import bound_value, module_pass
 
 _REDUCE = {tv.op("max"): tv.relax.op.maximum, tv.op("min"): tv.relax.op.minimum}
 _STACK = tv.op("stack")
@@ -23,14 +23,8 @@ _BCAST = tv.op("broadcast_to")
 
 @tv.mutator
 class _Canonicalize(tv.PyExprMutator):
-    def __init__(self, mod):
-        super().__init__(mod)
-
     def _bound(self, expr):
-        if isinstance(expr, tv.relax.Var):
-            value = self.lookup_binding(expr)
-            return value if value is not None else expr
-        return expr
+        return bound_value(self, expr)
 
     def _te_clamp(self, call):
         """``call_tir(maximum|minimum, (a, b))`` from the importer's Clip -> Relax op."""

@@ -32,7 +32,7 @@ from soniq_tvm.errors import UnsupportedModelError
 from soniq_tvm.qop import QOp
 from soniq_tvm.schedules import registry
 
-from ._common import emit_qop, module_pass, per_channel
+from ._common import bound_value, emit_qop, module_pass, per_channel
 
 __all__ = ["WeightInfo", "FoldQDQ"]
 
@@ -67,10 +67,7 @@ class _Folder(tv.PyExprMutator):
 
     # ---- value helpers ----------------------------------------------------
     def _bound(self, expr):
-        if isinstance(expr, tv.relax.Var):
-            v = self.lookup_binding(expr)
-            return v if v is not None else expr
-        return expr
+        return bound_value(self, expr)
 
     def _value(self, expr):
         """numpy value of a constant or a named parameter, else None."""

@@ -32,6 +32,15 @@ def _blocks(sch):
     return sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
 
 
+def _schedule(func, target):
+    """(schedule, top-level blocks) of an llvm PrimFunc, or None: not ours."""
+    if not _is_llvm(target) or not isinstance(func, tv.PrimFunc):
+        return None
+    sch = tv.s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    return (sch, blocks) if blocks else None
+
+
 def _has_root(sch) -> bool:
     try:
         sch.get_sblock("root")
@@ -44,12 +53,10 @@ class Injective(tv.s_tir.dlight.ScheduleRule):
     """All-spatial functions: inline, fuse, parallel + vectorise."""
 
     def apply(self, func, target, _tunable):
-        if not _is_llvm(target) or not isinstance(func, tv.PrimFunc):
+        found = _schedule(func, target)
+        if found is None:
             return None
-        sch = tv.s_tir.Schedule(func)
-        blocks = _blocks(sch)
-        if not blocks:
-            return None
+        sch, blocks = found
         for b in blocks:
             if any(iv.iter_type != 0 for iv in sch.get(b).iter_vars):  # 0: data parallel
                 return None
@@ -82,12 +89,10 @@ class ParallelOuter(tv.s_tir.dlight.ScheduleRule):
     """Anything else: parallel over the outermost spatial loop of each block."""
 
     def apply(self, func, target, _tunable):
-        if not _is_llvm(target) or not isinstance(func, tv.PrimFunc):
+        found = _schedule(func, target)
+        if found is None:
             return None
-        sch = tv.s_tir.Schedule(func)
-        blocks = _blocks(sch)
-        if not blocks:
-            return None
+        sch, blocks = found
         for b in blocks:
             loops = sch.get_loops(b)
             ivs = sch.get(b).iter_vars
