@@ -58,3 +58,52 @@ def wide_kernel():
                     C[p, m, T.ramp(j * 8, 1, 8)] = acc[m * NB + j]
 
     return prim, MR * NB * 16 * KS
+
+
+def lowbit_kernel(mode: str, fields: int = 4, mr: int = 2, jp: int = 2, ks: int = 256):
+    """The ``x86-*-lowbit`` inner step: load ``jp`` packed weight vectors, make each
+    field's operand with one AND, multiply it against ``mr`` broadcast activation
+    words (``vpdpbusd``, or ``vpmaddubsw`` + ``vpmaddwd`` + add for ``madd256``).
+    ``mr * jp * fields`` accumulators; L1-resident operands."""
+    vl = 16 if mode == "vnni512" else 8
+    nb = vl * 4
+    nacc = mr * jp * fields
+    masks = [((1 << (8 // fields)) - 1) << (f * (8 // fields)) for f in range(fields)]
+    if mode == "madd256":  # keep scaled codes <= 127 (what the family does with a shift)
+        masks = [m if m <= 127 else (m >> 1) & 0x7F for m in masks]
+
+    def sel(f):
+        e = T.uint8(masks[-1])
+        for k in range(fields - 2, -1, -1):
+            e = T.Select(f == k, T.uint8(masks[k]), e)
+        return e
+
+    def dot(acc, w, a):
+        if mode == "vnni512":
+            return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, w, a)
+        if mode == "vnni256":
+            return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, w, a)
+        return acc + T.call_llvm_pure_intrin(
+            "int32x8", "llvm.x86.avx2.pmadd.wd",
+            T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", w, a), T.Broadcast(T.int16(1), 16))
+
+    @T.prim_func
+    def prim(A: T.Buffer((P, mr, ks * 4), "int8"), B: T.Buffer((P, ks, jp * nb), "uint8"),
+             C: T.Buffer((P, nacc * vl), "int32"), n: T.int32):
+        for p in T.parallel(P):
+            acc = T.alloc_buffer((nacc,), f"int32x{vl}")
+            for i in T.unroll(nacc):
+                acc[i] = T.Broadcast(T.int32(0), vl)
+            for _it, k in T.grid(n, ks):
+                for j in T.unroll(jp):
+                    for f in T.unroll(fields):
+                        for m in T.unroll(mr):
+                            acc[(m * jp + j) * fields + f] = dot(
+                                acc[(m * jp + j) * fields + f],
+                                B.vload([p, k, j * nb], f"uint8x{nb}") & T.Broadcast(sel(f), nb),
+                                T.reinterpret(f"int8x{nb}", T.Broadcast(
+                                    T.reinterpret("int32", A.vload([p, m, k * 4], "int8x4")), vl)))
+            for i in T.unroll(nacc):
+                C[p, T.ramp(i * vl, 1, vl)] = acc[i]
+
+    return prim, nacc * vl * 4 * ks  # MACs per thread and iteration

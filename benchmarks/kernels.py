@@ -1,5 +1,5 @@
 """Per-family kernel throughput against the machine's primitive peaks:
-``python -m benchmarks.kernels [--quick]``.
+``python -m benchmarks.kernels [--quick] [--sections families,gemv,conv,depthwise]``.
 
 Two workloads: a ResNet-like 3x3 conv (1x64x56x56 -> 64, pad 1) and a 4096x4096
 GEMV, at several (w_bits, a_bits). Each applicable CPU family is compiled for the
@@ -14,6 +14,21 @@ bit-serial kernel: this host, when it has them), timed with ``time_evaluator``
 Bit-serial throughput is counted in bit-MACs (MACs x a_bits x weight planes), the
 unit of its popcount primitive. A GEMV streams each weight once: it is bound by
 memory bandwidth, not by the primitive, so its fraction of peak is low by nature.
+
+Sections (``--sections``, all by default):
+
+* ``families``: the table above (one timing per kernel, compiled one after another).
+* ``gemv``: the decode GEMV (4096 x 4096, batch 1) at (w, a) = (2, 8), (4, 8),
+  (1, 8), (8, 8) for the packed low-bit families, int8-dot and ``bitplane-ref``,
+  plus ONNX Runtime's INT8 QDQ MatMul (per-channel ``quantize_static``,
+  ``ORT_ENABLE_ALL``, 2 threads) on the same shape. Every kernel and the packed
+  low-bit primitive (``_kernel_prims.lowbit_kernel``) are timed **interleaved**, in
+  rounds, and the medians reported: the machine is shared, so only ratios within
+  one run mean much. GB/s is the kernel's packed weight bytes over its time.
+* ``conv``: the 3x3 conv at low bit widths, low-bit family vs int8-dot vs
+  bit-serial, interleaved the same way.
+* ``depthwise``: ``cpu-depthwise`` vs ``bitplane-ref`` on a 3x3 depthwise conv
+  (1 x 128 x 56 x 56, stride 1 and 2).
 """
 from __future__ import annotations
 
@@ -61,6 +76,14 @@ def primitive_peaks(log=print) -> dict[str, float]:
         n = 4000
         t = lib.mod.time_evaluator("prim", tvm.cpu(), number=3, repeat=5)(*args, n).median
         peaks[mode] = THREADS * macs * n / t / 1e9
+    from soniq_tvm.schedules.cpu import _isa
+
+    hostf = _isa.host_features()
+    for name, mcpu, need in LOWBIT_RUNS:
+        if need <= hostf:
+            mode, pcpu = PRIM_MODE[name]
+            timer = _prim_timer(mode, pcpu)
+            peaks[f"lowbit-{mode}"] = 1 / float(np.median([timer() for _ in range(5)])) / 1e9
     return peaks
 
 
@@ -94,11 +117,270 @@ def bench_family(fam, op, target, rng, number=10):
     return t, exact
 
 
+LOWBIT_RUNS = [  # (family, mcpu or None for the host, host features it needs to run)
+    ("x86-avx512-lowbit", None, {"avx512f", "avx512bw", "avx512vnni"}),
+    ("x86-avxvnni-lowbit", None, {"avxvnni"}),
+    ("x86-avx2-lowbit", AVX2_CPU, {"avx2"}),
+]
+DOT_RUNS = [("x86-avx512-vnni", None, {"avx512f", "avx512bw", "avx512vnni"}), ("x86-avx2-dot", AVX2_CPU, {"avx2"})]
+PRIM_MODE = {"x86-avx512-lowbit": ("vnni512", None), "x86-avxvnni-lowbit": ("vnni256", "alderlake"),
+             "x86-avx2-lowbit": ("madd256", AVX2_CPU)}
+
+
+def _target(mcpu):
+    import tvm
+
+    from soniq_tvm import tvm_shim as tv
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or tv.host_cpu(), "num-cores": THREADS})
+
+
+def _operands(op, rng):
+    from soniq_tvm.qop import weight_range
+
+    lo, hi = weight_range(op.w_bit, op.w_signed)
+    w = rng.integers(lo, hi + 1, op.w_shape)
+    if op.bipolar:
+        w = np.where(w >= 0, 1, -1)
+    x = rng.integers(-(1 << (op.a_bit - 1)), 1 << (op.a_bit - 1), op.x_shape).astype(op.a_dtype)
+    return x, w
+
+
+def _kernel_timer(fam, op, target, rng, call_s=0.02):
+    """Compile ``fam`` for ``op``; returns ``(timer, exact, packed weight bytes)``,
+    ``timer()`` giving seconds per call (about ``call_s`` of calls per sample)."""
+    import tvm
+
+    from soniq_tvm import tvm_shim as tv
+    from soniq_tvm.qop import reference
+
+    x, w = _operands(op, rng)
+    packed = fam.pack(w, op)
+    lib = tvm.compile(fam.primfunc(op, target), target=target)
+    out = tvm.runtime.empty(op.out_shape, "int32")
+    args = [tv.tensor(x), *[tv.tensor(p) for p in packed], out]
+    lib["main"](*args)
+    exact = bool(np.array_equal(out.numpy(), reference(x, w, op)))
+    ev = lib.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=int(call_s * 1e3))
+    return (lambda: ev(*args).mean), exact, int(packed[0].nbytes)
+
+
+def _prim_timer(mode, mcpu):
+    """Timer of the packed low-bit primitive: seconds per MAC (2 threads)."""
+    import tvm
+
+    from . import _kernel_prims as kp
+
+    func, macs = kp.lowbit_kernel(mode, fields=4, mr=1, jp=2)
+    lib = tvm.compile(func.with_attr("global_symbol", "prim"), target=_target(mcpu))
+    vl = 16 if mode == "vnni512" else 8
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.integers(-128, 128, (kp.P, 1, 256 * 4)).astype("int8")),
+            tvm.runtime.tensor(rng.integers(0, 256, (kp.P, 256, 2 * vl * 4)).astype("uint8")),
+            tvm.runtime.tensor(np.zeros((kp.P, 8 * vl), "int32"))]
+    n = 500
+    ev = lib.mod.time_evaluator("prim", tvm.cpu(), number=3, repeat=1)
+    return lambda: ev(*args, n).mean / (THREADS * macs * n)
+
+
+def ort_int8_gemv_timer(k: int = 4096, n: int = 4096, workdir=None):
+    """ONNX Runtime's INT8 QDQ MatMul ``[1, k] x [k, n]`` (float in and out): timer."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .peers import _ort_session, quantize_ort_int8
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    d = Path(workdir or tempfile.mkdtemp(prefix="soniq_ort_gemv_"))
+    onnx.save(model, d / "gemv_fp32.onnx")
+    calib = [{"x": rng.standard_normal((1, k)).astype(np.float32)} for _ in range(8)]
+    q = quantize_ort_int8(d / "gemv_fp32.onnx", d / "gemv_int8.onnx", calib)
+    sess = _ort_session(q, optimize=True)
+    feed = {"x": calib[0]["x"]}
+    sess.run(None, feed)
+
+    def timer(reps=20):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            sess.run(None, feed)
+        t = (time.perf_counter() - t0) / reps
+        time.sleep(0.2)  # ORT's worker threads spin after a run: let them stop before the next kernel
+        return t
+
+    return timer
+
+
+def _interleave(timers: dict, rounds: int) -> dict:
+    samples = {k: [] for k in timers}
+    for _ in range(rounds):
+        for k, fn in timers.items():
+            samples[k].append(fn())
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def _applicable(runs, hostf):
+    return [(name, mcpu) for name, mcpu, need in runs if need <= hostf]
+
+
+def gemv_section(rounds: int, log=print, pairs=((2, 8), (4, 8), (1, 8), (8, 8)), with_ref=True) -> list[dict]:
+    """Interleaved GEMV table (see the module docstring); returns its rows."""
+    from soniq_tvm.qop import QOp
+    from soniq_tvm.schedules import registry
+    from soniq_tvm.schedules.cpu import _isa
+
+    hostf = _isa.host_features()
+    rng = np.random.default_rng(0)
+    k = n = 4096
+    timers, meta = {}, {}
+    for wb, ab in pairs:
+        op = QOp("matmul", "gemv4096", (1, k), (k, n), (wb,) * k, (ab,) * k)
+        for name, mcpu in _applicable(LOWBIT_RUNS + DOT_RUNS, hostf):
+            fam, target = registry.get(name), _target(mcpu)
+            if fam.cost(op, target) is None:
+                continue
+            timer, exact, nbytes = _kernel_timer(fam, op, target, rng)
+            timers[(name, wb, ab)] = timer
+            meta[(name, wb, ab)] = (op, exact, nbytes, mcpu)
+    for name in {key[0] for key in timers}:
+        if name in PRIM_MODE:
+            timers[("prim", name)] = _prim_timer(*PRIM_MODE[name])
+    try:
+        timers[("ort-int8",)] = ort_int8_gemv_timer(k, n)
+    except Exception as e:  # noqa: BLE001  (ORT is a reference, not a requirement)
+        log(f"ORT INT8 GEMV unavailable: {e}")
+    med = _interleave(timers, rounds)
+    if with_ref:  # bitplane-ref is ~1000x slower: one sample
+        for wb, ab in pairs[:1]:
+            op = QOp("matmul", "gemv4096", (1, k), (k, n), (wb,) * k, (ab,) * k)
+            fam = registry.get("bitplane-ref")
+            timer, exact, nbytes = _kernel_timer(fam, op, _target(None), rng, call_s=0.0)
+            med[("bitplane-ref", wb, ab)] = timer()
+            meta[("bitplane-ref", wb, ab)] = (op, exact, nbytes, None)
+    base = med.get(("x86-avx512-vnni", 8, 8)) or med.get(("x86-avx2-dot", 8, 8))
+    ort = med.get(("ort-int8",))
+    log(f"GEMV 4096x4096, batch 1, {THREADS} threads, medians of {rounds} interleaved rounds")
+    if ort:
+        log(f"  ORT INT8 QDQ MatMul (ORT_ENABLE_ALL): {ort * 1e6:.1f} us, {2 * k * n / ort / 1e9:.1f} GOP/s")
+    log(f"{'w,a':5} {'family':20} {'us':>8} {'GOP/s':>7} {'MB':>6} {'GB/s':>6} {'%prim':>6} {'x int8':>7} "
+        f"{'x ORT':>6} exact")
+    rows = []
+    for key, t in med.items():
+        if key[0] in ("prim", "ort-int8"):
+            continue
+        name, wb, ab = key
+        op, exact, nbytes, _ = meta[key]
+        gops = 2 * op.macs / t / 1e9
+        prim = med.get(("prim", name))
+        frac = 100 * prim * op.macs / t if prim else float("nan")  # prim: s per MAC
+        row = {"w": wb, "a": ab, "family": name, "us": t * 1e6, "gops": gops, "weight_mb": nbytes / 1e6,
+               "gbps": nbytes / t / 1e9, "pct_prim": frac, "x_int8": t / base if base else float("nan"),
+               "x_ort": t / ort if ort else float("nan"), "exact": exact}
+        rows.append(row)
+        log(f"{wb},{ab:<3} {name:20} {row['us']:8.1f} {gops:7.1f} {row['weight_mb']:6.2f} {row['gbps']:6.1f} "
+            f"{frac:5.0f}% {row['x_int8']:7.2f} {row['x_ort']:6.2f} {exact}")
+    for name in sorted({key[1] for key in med if key[0] == "prim"}):
+        log(f"  primitive {PRIM_MODE[name][0]} (load + AND + dot, L1): {2 / med[('prim', name)] / 1e9:.0f} GOP/s")
+    return rows
+
+
+def conv_section(rounds: int, log=print, pairs=((1, 4), (2, 4), (4, 4), (2, 8), (4, 8))) -> list[dict]:
+    """3x3 conv (1x64x56x56 -> 64, pad 1): low-bit vs int8-dot vs bit-serial, interleaved."""
+    from soniq_tvm.qop import QOp
+    from soniq_tvm.schedules import registry
+    from soniq_tvm.schedules.cpu import _isa
+
+    hostf = _isa.host_features()
+    rng = np.random.default_rng(0)
+    runs = _applicable(LOWBIT_RUNS + DOT_RUNS, hostf) + [("cpu-bitserial", None)]
+    timers, meta = {}, {}
+    for wb, ab in pairs:
+        op = QOp("conv2d", "conv3x3", (1, 64, 56, 56), (64, 64, 3, 3), (wb,) * 64, (ab,) * 64, padding=(1, 1, 1, 1))
+        for name, mcpu in runs:
+            fam, target = registry.get(name), _target(mcpu)
+            o = op.with_(knobs={"vl": 8}) if name == "cpu-bitserial" and "avx512vpopcntdq" in hostf else op
+            if fam.cost(o, target) is None:
+                continue
+            timer, exact, nbytes = _kernel_timer(fam, o, target, rng)
+            timers[(name, wb, ab)], meta[(name, wb, ab)] = timer, (op, exact, nbytes)
+    for name in {key[0] for key in timers}:
+        if name in PRIM_MODE:
+            timers[("prim", name)] = _prim_timer(*PRIM_MODE[name])
+    med = _interleave(timers, rounds)
+    log(f"3x3 conv 1x64x56x56 -> 64, medians of {rounds} interleaved rounds")
+    log(f"{'w,a':5} {'family':20} {'us':>8} {'GOP/s':>7} {'%prim':>6} {'x int8':>7} exact")
+    rows = []
+    for key, t in med.items():
+        if key[0] == "prim":
+            continue
+        name, wb, ab = key
+        op, exact, _ = meta[key]
+        ref = med.get(("x86-avx512-vnni", wb, ab)) or med.get(("x86-avx2-dot", wb, ab))
+        prim = med.get(("prim", name))
+        frac = 100 * prim * op.macs / t if prim else float("nan")
+        rows.append({"w": wb, "a": ab, "family": name, "us": t * 1e6, "gops": 2 * op.macs / t / 1e9,
+                     "pct_prim": frac, "x_int8": t / ref, "exact": exact})
+        log(f"{wb},{ab:<3} {name:20} {t * 1e6:8.1f} {2 * op.macs / t / 1e9:7.1f} {frac:5.0f}% {t / ref:7.2f} {exact}")
+    return rows
+
+
+def depthwise_section(rounds: int, log=print) -> list[dict]:
+    """``cpu-depthwise`` vs ``bitplane-ref`` (one sample) on 3x3 depthwise convs."""
+    from soniq_tvm.qop import QOp
+    from soniq_tvm.schedules import registry
+    from soniq_tvm.schedules.cpu import _isa
+
+    rng = np.random.default_rng(0)
+    runs = [("cpu-depthwise", None)] + ([("cpu-depthwise", AVX2_CPU)] if "avx512f" in _isa.host_features() else [])
+    rows = []
+    for stride in (1, 2):
+        op = QOp("conv2d", f"dw3x3s{stride}", (1, 128, 56, 56), (128, 1, 3, 3), (8,) * 128, (8,) * 128,
+                 padding=(1, 1, 1, 1), groups=128, strides=(stride, stride))
+        timers, meta = {}, {}
+        for name, mcpu in runs:
+            timers[(name, mcpu)], exact, _ = _kernel_timer(registry.get(name), op, _target(mcpu), rng)
+            meta[(name, mcpu)] = exact
+        med = _interleave(timers, rounds)
+        ref_timer, ref_exact, _ = _kernel_timer(registry.get("bitplane-ref"), op, _target(None), rng, call_s=0.0)
+        med[("bitplane-ref", None)], meta[("bitplane-ref", None)] = ref_timer(), ref_exact
+        ref = med[("bitplane-ref", None)]
+        for (name, mcpu), t in med.items():
+            row = {"op": op.layer, "family": name, "mcpu": mcpu or "host", "us": t * 1e6,
+                   "gops": 2 * op.macs / t / 1e9, "x_ref": ref / t, "exact": meta[(name, mcpu)]}
+            rows.append(row)
+            log(f"{op.layer:9} {name:14} {row['mcpu']:10} {t * 1e6:9.1f} us {row['gops']:7.1f} GOP/s "
+                f"{row['x_ref']:6.1f}x bitplane-ref  exact={row['exact']}")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer bit widths, no bitplane-ref baseline")
+    ap.add_argument("--sections", default="families,gemv,conv,depthwise",
+                    help="comma-separated: families, gemv, conv, depthwise")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the gemv/conv/depthwise tables")
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
+    sections = set(args.sections.split(","))
+    rounds = 5 if args.quick else args.rounds
+    if "gemv" in sections:
+        gemv_section(rounds, with_ref=not args.quick)
+    if "conv" in sections:
+        conv_section(rounds)
+    if "depthwise" in sections:
+        depthwise_section(max(3, rounds // 3))
+    if "families" not in sections:
+        return 0
     import tvm
 
     from soniq_tvm import tvm_shim as tv
@@ -111,9 +393,11 @@ def main(argv=None) -> int:
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": AVX2_CPU, "num-cores": THREADS})
     host = tvm.target.Target({"kind": "llvm", "mcpu": tv.host_cpu(), "num-cores": THREADS})
     hostf = _isa.host_features()
-    runs = [("x86-avx2-dot", avx2, {}), ("cpu-bitserial", avx2, {})]
+    runs = [("x86-avx2-dot", avx2, {}), ("cpu-bitserial", avx2, {}), ("x86-avx2-lowbit", avx2, {})]
     if {"avx512f", "avx512bw", "avx512vnni"} <= hostf:
-        runs.append(("x86-avx512-vnni", host, {}))
+        runs += [("x86-avx512-vnni", host, {}), ("x86-avx512-lowbit", host, {})]
+    if "avxvnni" in hostf:
+        runs.append(("x86-avxvnni-lowbit", host, {}))
     if {"avx512vpopcntdq", "avx512vl"} <= hostf:
         runs.append(("cpu-bitserial", host, {"vl": 8}))
     pairs = [(8, 8), (4, 4), (1, 1)] if args.quick else [(8, 8), (7, 8), (4, 8), (4, 4), (2, 2), (1, 2), (1, 1)]
@@ -136,6 +420,8 @@ def main(argv=None) -> int:
                 if name == "cpu-bitserial":
                     isa = "avx512" if knobs.get("vl") == 8 else "avx2"
                     mode, unit = f"bitserial-{isa}", op.a_bit * len(weight_planes(op))
+                elif name.endswith("-lowbit"):
+                    mode, unit = f"lowbit-{fam.mode.name}", 1
                 else:
                     mode, unit = fam.mode(op).name, 1
                 gops = 2 * op.macs / t / 1e9

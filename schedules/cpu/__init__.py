@@ -1,18 +1,21 @@
 """CPU kernel families: int8-class dot products (AVX2 ``vpmaddubsw`` / AVX-512 VNNI
-``vpdpbusd`` / NEON ``sdot``) and bit-serial AND + popcount kernels.
+``vpdpbusd`` / NEON ``sdot``), the same dot products on weights packed at their real
+width (1-4 bits, expanded in registers: :mod:`.lowbit`), bit-serial AND + popcount
+kernels, and depthwise convolutions (:mod:`.depthwise`).
 
 Importing registers them with :mod:`soniq_tvm.schedules.registry` (after the
 reference families, whichever module is imported first); each family's ``cost``
 answers ``None`` unless the target has the instructions it is written with.
-Depthwise convolutions (one input channel per group) are not taken by these
-families yet: they fall back to ``bitplane-ref``.
 """
 from __future__ import annotations
 
 from .. import reference  # noqa: F401  (registers int8-ref and bitplane-ref first)
 from ..registry import register
 from .bitserial import BITSERIAL
+from .depthwise import DEPTHWISE
 from .int8dot import AVX2_DOT, AVX512_VNNI_DOT, NEON_SDOT
+from .lowbit import AVX2_LOWBIT, AVX512_LOWBIT, AVXVNNI_LOWBIT
 
-for _family in (AVX2_DOT, AVX512_VNNI_DOT, NEON_SDOT, BITSERIAL):
+for _family in (AVX2_DOT, AVX512_VNNI_DOT, NEON_SDOT, BITSERIAL, AVX512_LOWBIT, AVXVNNI_LOWBIT, AVX2_LOWBIT,
+                DEPTHWISE):
     register(_family)

@@ -167,13 +167,14 @@ class Int8DotFamily:
     """
 
     def __init__(self, name: str, isa: str, need: Sequence[str], modes: Sequence[str], macs_per_cycle: dict,
-                 regs: int):
+                 regs: int, stream_bytes: float):
         self.name = name
         self.isa = isa
         self.need = tuple(need)
         self.modes = tuple(modes)
         self.macs_per_cycle = dict(macs_per_cycle)
         self.regs = regs
+        self.stream_bytes = stream_bytes
 
     # ---- applicability --------------------------------------------------------
     def _target_ok(self, target) -> bool:
@@ -211,6 +212,9 @@ class Int8DotFamily:
         return dlo <= wmin and wmax <= dhi
 
     def cost(self, op: QOp, target) -> float | None:
+        """The larger of the arithmetic (padded MACs at the mode's rate) and the
+        weight stream (packed bytes at the rate the kernel streams them from
+        beyond L2: what bounds a batch-1 GEMV), plus re-layout and epilogue."""
         if not self.accepts(op, target):
             return None
         m = self.mode(op)
@@ -218,8 +222,10 @@ class Int8DotFamily:
         g = Geometry.of(op)
         padded = g.n * g.groups * lay["ogp"] * g.oh * g.ow * g.kh * g.kw * lay["cgp"]
         cycles = padded / self.macs_per_cycle[m.name]
+        wbytes = g.groups * lay["ogp"] * g.kh * g.kw * lay["cgp"] * np.dtype(m.w_dtype).itemsize
+        stream = wbytes / self.stream_bytes
         relayout = g.n * (g.h + 2) * (g.w + 2) * g.c / 8.0
-        return float(cycles + relayout + 2.0 * np.prod(op.out_shape))
+        return float(max(cycles, stream) + relayout + 2.0 * np.prod(op.out_shape))
 
     # ---- layout and knobs ----------------------------------------------------
     def _tc_options(self, op: QOp, cb: int) -> list[int]:
@@ -351,9 +357,12 @@ def _build_kernel(op: QOp, mode: Mode, lay: dict, knobs: dict, regs: int):
 # Registered instances. macs_per_cycle: relative throughput of each mode, from the
 # 3x3-conv benchmark in benchmarks/kernels.py (GOP/s / 6.8 on the 2-core dev host);
 # it only ranks families against each other and against cpu-bitserial's rates.
+# stream_bytes: weight bytes per unit in the 4096^2 batch-1 GEMV, which streams its
+# weights once (VNNI 8x8: 3.4x its conv-rate time; AVX2: ~1.9x the VNNI GEMV time).
 AVX2_DOT = Int8DotFamily("x86-avx2-dot", "avx2", ["avx2"], ["avx2-madd", "avx2-sum16", "avx2-wide"],
-                         {"avx2-madd": 31.0, "avx2-sum16": 43.0, "avx2-wide": 25.0}, regs=16)
+                         {"avx2-madd": 31.0, "avx2-sum16": 43.0, "avx2-wide": 25.0}, regs=16,
+                         stream_bytes=9.0)
 AVX512_VNNI_DOT = Int8DotFamily("x86-avx512-vnni", "avx512", ["avx512f", "avx512bw", "avx512vnni"],
-                                ["avx512-vnni"], {"avx512-vnni": 87.0}, regs=32)
+                                ["avx512-vnni"], {"avx512-vnni": 87.0}, regs=32, stream_bytes=17.0)
 NEON_SDOT = Int8DotFamily("arm-neon-sdot", "neon", ["neon", "dotprod"], ["neon-sdot"], {"neon-sdot": 32.0},
-                          regs=32)
+                          regs=32, stream_bytes=9.0)  # not measured: the AVX2 figure
