@@ -73,9 +73,11 @@ def _soniq_layers(mod) -> list:
 
 
 def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
-                 dump_dir: str | None = None, stop_after: str | None = None) -> PipelineResult:
+                 dump_dir: str | None = None, stop_after: str | None = None, tuned=None) -> PipelineResult:
     """Run phases 0-7 on an ONNX ModelProto (int4 initializers already widened),
-    or up to and including ``stop_after`` (one of :data:`PHASES`)."""
+    or up to and including ``stop_after`` (one of :data:`PHASES`). ``tuned``: a
+    :class:`soniq_tvm.tuning.TunedSchedules`; the pack phase takes its
+    (family, knobs) for the kernels it has records of."""
     assert stop_after is None or stop_after in PHASES, stop_after
     mod, params = import_onnx(model, shapes)
     _dump(dump_dir, 0, "import", mod)
@@ -93,7 +95,7 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
         ("split", tv.tvm.transform.Sequential([SplitChannelGroups(target),
                                                tv.relax.transform.CanonicalizeBindings()])),
         ("permute", FoldPermutations),
-        ("pack", PackWeights(target, force=family)),
+        ("pack", PackWeights(target, force=family, knobs_for=tuned.knobs_for if tuned is not None else None)),
         ("cleanup", tv.relax.transform.DeadCodeElimination()),
     ]
     for i, (name, p) in enumerate(steps, start=1):
@@ -111,10 +113,12 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
     return result
 
 
-def build_pipeline(target):
+def build_pipeline(target, tuned=None):
     """The Relax pipeline ``tvm.compile`` runs on our module: TVM's default, plus,
     on CPUs, default schedules for every PrimFunc that is not one of our kernels
-    (TVM 0.27 schedules nothing on CPU by itself). Returns a pass, or "default"."""
+    (TVM 0.27 schedules nothing on CPU by itself). Returns a pass, or "default".
+    ``tuned`` (a :class:`soniq_tvm.tuning.TunedSchedules`): its MetaSchedule
+    records are applied after legalisation, before the default schedules."""
     if target.kind.name != "llvm":
         return "default"
     from soniq_tvm.schedules.cpu.generic import default_rules
@@ -124,6 +128,8 @@ def build_pipeline(target):
         with target:
             dispatch, legalize, lower, finalize = tv.cpu_pipeline_stages(target)
             schedule = [tv.dlight.ApplyDefaultSchedule(*default_rules())]
+            if tuned is not None and tuned.has_ms:
+                schedule.insert(0, tuned.schedule_pass())
             return tv.tvm.transform.Sequential(dispatch + legalize + schedule + lower + finalize)(mod)
 
     return _build

@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "compile",
+    "tune",
     "load",
     "inspect",
     "verify",
@@ -59,6 +60,7 @@ _LAZY = {
     "CompiledModule": ("soniq_tvm.artifact", "CompiledModule"),
     "Plan": ("soniq_tvm.plan", "Plan"),
     "parse_target": ("soniq_tvm.targets", "parse_target"),
+    "tune": ("soniq_tvm.tuning", "tune"),
 }
 
 

@@ -4,9 +4,13 @@
     soniq-tvm compile model.onnx --target T -o model.soniq [--shape x=1,3,32,32]
     soniq-tvm run model.soniq --input x.npy [-o out.npz]
     soniq-tvm verify model.onnx model.soniq
+    soniq-tvm tune model.onnx --target T --db znver3.db [--trials 200] [--rpc HOST:PORT --rpc-key KEY]
+    soniq-tvm db show znver3.db [--json]
+    soniq-tvm db merge a.db b.db -o c.db
 
 Bad input prints one line, ``error: ...``, and exits with status 2; a failed
-verification exits with 1.
+verification exits with 1; an interrupted ``tune`` (Ctrl-C) exits with 130
+after saving what it measured (run it again to resume).
 """
 from __future__ import annotations
 
@@ -98,6 +102,67 @@ def _cmd_verify(a) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_tune(a) -> int:
+    from .tuning.measure import MeasureConfig
+    from .tuning.rpc import RPC
+    from .tuning.tuner import tune
+
+    if bool(a.rpc) != bool(a.rpc_key):
+        raise InputError("--rpc and --rpc-key go together (tracker HOST:PORT and the device key)")
+    rpc = RPC(a.rpc, a.rpc_key) if a.rpc else None
+    measure = MeasureConfig(repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, build_timeout_s=a.build_timeout,
+                            run_timeout_s=a.run_timeout)
+    result = tune(a.model, a.target, a.db, trials=a.trials, ms_trials=a.ms_trials, shapes=_shapes(a.shape),
+                  rpc=rpc, seed=a.seed, cost_model=a.cost_model, measure=measure, progress=not a.quiet)
+    if a.json:
+        import json
+
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result)
+    return 130 if result.interrupted else 0
+
+
+def _cmd_db_show(a) -> int:
+    import json
+
+    from .tuning.database import TuningDatabase
+    from .tuning.progress import fmt_us
+
+    with TuningDatabase(a.database, create=False) as db:
+        summary = db.summary()
+        rows = db.best_table()
+    if a.json:
+        print(json.dumps({"summary": summary, "workloads": rows}, indent=1, default=str))
+        return 0
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["workloads"].items())) or "none"
+    print(f"{summary['path']}: {summary['format']}/{summary['version']} ({summary['writer']}), "
+          f"{summary['records']} records, workloads: {kinds}")
+    for fk, t in summary["targets"].items():
+        print(f"\ntarget {fk}: {t['describe']}")
+        print(f"  {t['records']} records ({t['failed']} failed) over {t['workloads']} workloads; "
+              f"measured on {', '.join(t['machines']) or '?'}")
+        print(f"  {'kind':4} {'trials':>6} {'default':>10} {'best':>10}  workload / best schedule")
+        for r in (r for r in rows if r["fingerprint"] == fk):
+            print(f"  {r['kind']:4} {r['trials']:>6} {fmt_us(r['default_us']):>10} {fmt_us(r['best_us']):>10}  "
+                  f"{r['name'][:60]} / {r['best']}")
+    return 0
+
+
+def _cmd_db_merge(a) -> int:
+    import os
+
+    from .tuning.database import TuningDatabase
+
+    if os.path.abspath(a.output) in {os.path.abspath(p) for p in a.databases}:
+        raise InputError("-o must not be one of the inputs", file=a.output)
+    with TuningDatabase(a.output) as out:
+        n = out.merge(*a.databases)
+        total = len(out)
+    print(f"read {n} records from {len(a.databases)} database(s); {a.output} now holds {total} distinct records")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soniq-tvm", description="Compile SONIQ mixed-precision ONNX models with TVM")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +196,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default="llvm")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_verify)
+
+    s = sub.add_parser("tune", help="tune the kernels of a model for a target into a database",
+                       description="Search schedules for every kernel of the model on the target, measuring each "
+                                   "candidate; Ctrl-C saves what is measured, rerunning resumes.")
+    s.add_argument("model")
+    s.add_argument("--target", default="llvm")
+    s.add_argument("--db", required=True, help="tuning database file (created if missing)")
+    s.add_argument("--trials", type=int, default=200, help="candidates to measure in all (default 200)")
+    s.add_argument("--ms-trials", type=int, default=None,
+                   help="of which for MetaSchedule's tasks (default: what the integer kernels leave, at most half;"
+                        " 0: integer kernels only)")
+    s.add_argument("--rpc", help="measure on devices behind this RPC tracker, HOST:PORT")
+    s.add_argument("--rpc-key", help="the device key the RPC servers registered with")
+    s.add_argument("--shape", action="append")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cost-model", choices=("random", "xgb"), default="random")
+    s.add_argument("--repeat", type=int, default=3, help="timed repeats per candidate (median)")
+    s.add_argument("--min-repeat-ms", type=int, default=40)
+    s.add_argument("--build-timeout", type=float, default=120.0, help="seconds per build")
+    s.add_argument("--run-timeout", type=float, default=60.0, help="seconds per measurement")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_tune)
+
+    s = sub.add_parser("db", help="inspect or merge tuning databases")
+    dbs = s.add_subparsers(dest="db_command", required=True)
+    d = dbs.add_parser("show", help="what a tuning database holds, per target")
+    d.add_argument("database")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=_cmd_db_show)
+    d = dbs.add_parser("merge", help="merge databases into a new (or existing) one")
+    d.add_argument("databases", nargs="+")
+    d.add_argument("-o", "--output", required=True)
+    d.set_defaults(fn=_cmd_db_merge)
     return p
 
 

@@ -7,6 +7,7 @@ signatures) and assembles the precision plan; the passes do the rest.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import defaultdict
@@ -108,8 +109,9 @@ def _check_ops(model) -> None:
                 hint="convert it to standard ONNX ops (QOperator models: export as QDQ)")
 
 
-def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, stop_after=None):
-    """Run the passes; returns ``(pipeline result, target dict, model, inputs, outputs)``."""
+def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, stop_after=None, tuned=None):
+    """Run the passes; returns ``(pipeline result, target dict, model, inputs, outputs)``.
+    ``tuned``: a :class:`soniq_tvm.tuning.TunedSchedules` (see :func:`compile`)."""
     from soniq_tvm.passes.pipeline import run_pipeline
 
     from .annotation import to_int8_initializers
@@ -123,7 +125,7 @@ def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, sto
     shape_dict = {i["name"]: i["shape"] for i in ins}
     try:
         result = run_pipeline(widened, infos, to_tvm_target(tgt), shapes=shape_dict, family=family,
-                              dump_dir=dump_ir, stop_after=stop_after)
+                              dump_dir=dump_ir, stop_after=stop_after, tuned=tuned)
     except SoniqError:
         raise
     except Exception as e:  # noqa: BLE001  (importer errors are untyped)
@@ -157,33 +159,61 @@ def build_plan(result, tgt: dict) -> Plan:
     return Plan(layers=tuple(layers), target=describe(tgt), notes=tuple(notes))
 
 
-def inspect(model, target="llvm", *, shapes=None, family=None) -> Plan:
-    """The precision plan of ``model`` on ``target`` (runs the passes, builds nothing)."""
-    result, tgt, *_ = prepare(model, target, shapes=shapes, family=family)
-    return build_plan(result, tgt)
+def _tuned(database, target, strict: bool):
+    """The records of a tuning database that fit ``target`` (None: no database)."""
+    if database is None:
+        return None
+    from .tuning.apply import TunedSchedules
+
+    return TunedSchedules(database, parse_target(target), strict=strict)
 
 
-def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None) -> CompiledModule:  # noqa: A001
+def inspect(model, target="llvm", *, shapes=None, family=None, database=None, strict=False) -> Plan:
+    """The precision plan of ``model`` on ``target`` (runs the passes, builds nothing).
+    ``database``/``strict``: as for :func:`compile` (integer kernels only)."""
+    tuned = _tuned(database, target, strict)
+    result, tgt, *_ = prepare(model, target, shapes=shapes, family=family, tuned=tuned)
+    plan = build_plan(result, tgt)
+    if tuned is not None:
+        tuned.check()
+        plan = dataclasses.replace(plan, notes=plan.notes + tuned.notes())
+    return plan
+
+
+def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, database=None,  # noqa: A001
+            strict=False) -> CompiledModule:
     """Compile an annotated ONNX model (path or ModelProto) for ``target``.
 
     ``target``: a legacy string (``"llvm -mcpu=skylake-avx512"``), a dict, or a
     ``tvm.target.Target``; ``"llvm"`` is this host. ``shapes`` fixes dynamic input
     shapes; ``family`` forces one kernel family for every group (testing);
     ``dump_ir`` writes the IR after each pass into that directory.
+    ``database``: a tuning database file (``soniq_tvm.tune``); the schedules tuned
+    for this target's fingerprint are used, records for other targets are
+    skipped with a :class:`~soniq_tvm.tuning.TuningWarning` saying which and why
+    (``strict=True``: a :class:`TuningDatabaseError` instead). What was applied and
+    skipped is in the plan's notes and ``manifest["tuning"]``.
     """
     import tvm
 
     t0 = time.time()
-    result, tgt, model, ins, outs = prepare(model, target, shapes=shapes, family=family, dump_ir=dump_ir)
+    tuned = _tuned(database, target, strict)
+    result, tgt, model, ins, outs = prepare(model, target, shapes=shapes, family=family, dump_ir=dump_ir,
+                                            tuned=tuned)
+    if tuned is not None:
+        tuned.check()
     from soniq_tvm.passes.pipeline import build_pipeline
 
     tvm_target = to_tvm_target(tgt)
     try:
-        executable = tvm.compile(result.mod, target=tvm_target, relax_pipeline=build_pipeline(tvm_target))
+        executable = tvm.compile(result.mod, target=tvm_target, relax_pipeline=build_pipeline(tvm_target, tuned))
     except Exception as e:  # noqa: BLE001
         lines = str(e).strip().splitlines()
         raise UnsupportedModelError(f"building for {describe(tgt)} failed: {lines[-1] if lines else e}") from e
     plan = build_plan(result, tgt)
+    if tuned is not None:
+        tuned.check()
+        plan = dataclasses.replace(plan, notes=plan.notes + tuned.notes())
     manifest = {
         "inputs": ins,
         "outputs": outs,
@@ -193,4 +223,6 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None) -> 
         "plan": plan.to_dict(),
         "compile_seconds": round(time.time() - t0, 3),
     }
+    if tuned is not None:
+        manifest["tuning"] = tuned.report()
     return CompiledModule(executable, manifest, executable=executable)
