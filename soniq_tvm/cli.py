@@ -1,7 +1,7 @@
 """``soniq-tvm``: a thin command line over the same functions as the Python API.
 
     soniq-tvm inspect model.onnx [--target T] [--json]
-    soniq-tvm compile model.onnx --target T -o model.soniq [--shape x=1,3,32,32]
+    soniq-tvm compile model.onnx --target T -o model.soniq [--shape x=1,3,32,32] [--db tuned.db]
     soniq-tvm run model.soniq --input x.npy [-o out.npz]
     soniq-tvm verify model.onnx model.soniq
     soniq-tvm tune model.onnx --target T --db znver3.db [--trials 200] [--rpc HOST:PORT --rpc-key KEY]
@@ -65,7 +65,7 @@ def _cmd_inspect(a) -> int:
 def _cmd_compile(a) -> int:
     from .compiler import compile as _compile
 
-    m = _compile(a.model, a.target, shapes=_shapes(a.shape), dump_ir=a.dump_ir)
+    m = _compile(a.model, a.target, shapes=_shapes(a.shape), dump_ir=a.dump_ir, database=a.db, strict=a.strict)
     path = m.save(a.output)
     print(m.plan)
     print(f"saved {path} (compiled in {m.manifest['compile_seconds']:.1f} s)")
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--shape", action="append")
     s.add_argument("--dump-ir", help="write the IR after every pass into this directory")
+    s.add_argument("--db", help="tuning database to apply (records for other targets are skipped)")
+    s.add_argument("--strict", action="store_true", help="with --db: a record for another target is an error")
     s.set_defaults(fn=_cmd_compile)
 
     s = sub.add_parser("run", help="run a saved module")

@@ -61,3 +61,10 @@ def test_console_script_is_installed(onnx_file):
     exe = os.path.join(os.path.dirname(sys.executable), "soniq-tvm")
     res = subprocess.run([exe, "inspect", str(onnx_file)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "head" in res.stdout
+
+
+def test_compile_with_foreign_database_is_an_error(onnx_file, tmp_path, capsys):
+    bad = tmp_path / "bad.db"
+    bad.write_text("not a tuning database")
+    assert main(["compile", str(onnx_file), "-o", str(tmp_path / "m.soniq"), "--db", str(bad)]) == 2
+    assert "bad.db" in capsys.readouterr().err
