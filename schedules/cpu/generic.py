@@ -93,7 +93,12 @@ class ParallelOuter(tv.s_tir.dlight.ScheduleRule):
         if found is None:
             return None
         sch, blocks = found
-        for b in blocks:
+        for b in blocks[:-1]:  # padding and other producers: computed where consumed
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001  (not inlinable: it gets its own parallel loop)
+                pass
+        for b in _blocks(sch):
             loops = sch.get_loops(b)
             ivs = sch.get(b).iter_vars
             spatial = [l for l, iv in zip(loops, ivs) if iv.iter_type == 0]
