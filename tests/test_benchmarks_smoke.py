@@ -1,0 +1,124 @@
+"""Smoke test of the benchmark harness (benchmarks/): tiny models, few repeats, < 60 s.
+
+The harness lives outside the installed package, so each test puts the repository
+root on ``sys.path`` for its own duration (``monkeypatch.syspath_prepend``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks  # noqa: F401
+
+    return benchmarks
+
+
+@pytest.mark.torch
+def test_quick_run_prints_a_table_with_numbers(bench, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from benchmarks import run
+
+    out = tmp_path / "results.json"
+    lines: list[str] = []
+    result = run.run(
+        ["--quick", "--peers", "torch,ort_fp32,ort_int8", "--repeats", "5", "--warmup", "1",
+         "--out", str(out)],
+        log=lines.append,
+    )
+    rows = result["rows"]
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        (f"{m} (tiny)", v)
+        for m in ("resnet18", "bert", "gemv")
+        for v in ("PyTorch fp32", "ORT fp32", "ORT INT8 QDQ")
+    ]
+    for r in rows:
+        assert r["note"] == "", r
+        t = r["timing"]
+        assert t["runs"] == 5
+        assert 0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"] and math.isfinite(t["p90_ms"])
+        assert r["ratio_ort_int8"] > 0 and r["ratio_ort_fp32"] > 0
+        assert r["agreement"] is not None
+    for r in rows:
+        if r["variant"] == "ORT INT8 QDQ":
+            assert r["ratio_ort_int8"] == pytest.approx(1.0)
+            assert r["agreement"]["reference"] == "ORT_DISABLE_ALL, same QDQ file"
+        else:  # fp32 peers follow the fp32 reference closely
+            assert r["agreement"]["max_abs_diff"] < 1e-3
+    # one Gemm between a QuantizeLinear and a DequantizeLinear: the integer kernel
+    # must give the reference's output codes (almost) everywhere
+    gemv_int8 = rows[-1]
+    assert gemv_int8["agreement"]["step"] > 0
+    assert gemv_int8["agreement"]["match_fraction"] >= 0.99
+
+    # the printed table has a numeric median for every row, and the JSON file matches
+    table = result["table"].splitlines()
+    assert len(table) == 2 + len(rows)
+    for line, r in zip(table[2:], rows):
+        assert f"{r['timing']['median_ms']:.3f}" in line
+    assert result["table"] in "\n".join(lines)
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows
+    assert saved["machine"]["cores"] >= 1 and saved["machine"]["versions"]["onnxruntime"]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["resnet18", "bert", "gemv"])
+def test_torch_and_ort_fp32_outputs_agree(bench, tmp_path, name):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from benchmarks import models, peers
+
+    bm = models.build(name, tmp_path, tiny=True)
+    x = bm.random_input(seed=1)
+    torch_out = peers.torch_fp32(bm.module, x).outputs
+    ort_out = peers.ort_fp32(bm.onnx_path, x).outputs
+    assert len(torch_out) == len(ort_out) == 1
+    np.testing.assert_allclose(torch_out[0], ort_out[0], rtol=1e-4, atol=1e-4)
+
+
+def test_soniq_rows_are_na_with_a_reason_and_never_raise(bench, monkeypatch, tmp_path):
+    from benchmarks import soniq_rows
+
+    def unavailable():
+        raise ModuleNotFoundError("No module named 'soniq_tvm.compiler'")
+
+    monkeypatch.setattr(soniq_rows, "_compiler", unavailable)
+    rows = soniq_rows.soniq_variants("gemv")
+    assert [r.variant for r in rows] == [v.name for v in soniq_rows.VARIANTS]
+    for r in rows:
+        assert r.timing is None
+        assert r.note.startswith("n/a: soniq_tvm.compile unavailable") and "soniq_tvm.compiler" in r.note
+
+    # compiler present, but annotating fails: each variant is n/a, naming the error
+    def broken_annotate(variant, ctx):
+        raise TypeError(f"cannot export palette {variant.palette}")
+
+    monkeypatch.setattr(soniq_rows, "_compiler", lambda: (lambda path, target: None))
+    monkeypatch.setattr(soniq_rows, "annotate", broken_annotate)
+    ctx = soniq_rows.SoniqContext(None, {}, [], tmp_path, repeats=3, warmup=0, budget_s=None)
+    rows = soniq_rows.soniq_variants("gemv", ctx)
+    assert all(r.timing is None and r.note.startswith("n/a: TypeError: cannot export palette") for r in rows)
+
+
+def test_measure_reports_percentiles_and_respects_the_budget(bench):
+    from benchmarks.timing import measure
+
+    t = measure(lambda: time.sleep(0.002), repeats=5, warmup=1)
+    assert t.runs == 5 and 2.0 <= t.p10_ms <= t.median_ms <= t.p90_ms
+
+    t = measure(lambda: time.sleep(0.01), repeats=1000, warmup=0, budget_s=0.05, min_repeats=3)
+    assert 3 <= t.runs < 20
+    with pytest.raises(ValueError, match="repeats"):
+        measure(lambda: None, repeats=0)
