@@ -89,7 +89,7 @@ def annotate(variant: SoniqVariant, ctx: SoniqContext) -> Path:
 
     Goes through the project's PyTorch side, as a user would: ``prepare`` the float
     module, fix every layer's per-channel bits to a random ``variant`` mix
-    (``annotation.choose_bits``, seeded: no training, this is a speed benchmark),
+    (``builder.choose_bits``, seeded: no training, this is a speed benchmark),
     re-fit the weight scales, calibrate the activation scales on the calibration
     batch, ``export_onnx``. With ``ctx.cache_dir`` the file is reused while the
     fp32 model, the variant, the calibration data and the exporter's source are
@@ -113,7 +113,7 @@ def annotate(variant: SoniqVariant, ctx: SoniqContext) -> Path:
 
 def _export(variant: SoniqVariant, ctx: SoniqContext, out: Path) -> Path:
     import torch
-    from soniq_tvm.annotation import choose_bits
+    from soniq_tvm.builder import choose_bits
     from soniq_tvm.torch import export_onnx, prepare, quant_layers
 
     palette = variant.palette

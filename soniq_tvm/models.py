@@ -7,7 +7,7 @@ no download. They are what the tests, tutorials and benchmarks compile.
 Precision is *tied* the SONIQ way: a weight's width follows its **input** channel
 (``soniq.axis`` 1 for Conv, 0 for MatMul ``[K, N]``, 1 for Gemm ``[N, K]``) and
 equals the width of the activation channel it multiplies. Each activation has one
-scale (per tensor), chosen by :func:`~soniq_tvm.annotation.calibrate_scale` on a
+scale (per tensor), chosen by :func:`~soniq_tvm.builder.calibrate_scale` on a
 random input propagated through the quantized graph built so far (onnx's
 reference evaluator, numpy only); weights have one scale per output channel.
 """
@@ -19,13 +19,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .annotation import (
-    QDQBuilder,
-    calibrate_scale,
-    choose_bits,
-    quantize_weights,
-    save_model,
-)
+from .annotation import save_model
+from .builder import QDQBuilder, calibrate_scale, choose_bits, quantize_weights
 from .errors import ModelLoadError
 
 __all__ = ["example_cnn", "example_transformer", "example_inputs", "save_examples"]

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from soniq_tvm.annotation import QDQBuilder, bit_range
+from soniq_tvm.annotation import bit_range
+from soniq_tvm.builder import QDQBuilder
 
 X_SCALE = 2.0 ** -4  # powers of two: x / scale is exact, so codes are unambiguous
 W_SCALE = 2.0 ** -6

@@ -12,19 +12,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from soniq_tvm.annotation import (
     FORMAT,
-    QDQBuilder,
     TensorAnnotation,
     annotate,
     bit_range,
     bits_from_range,
-    choose_bits,
     load_model,
-    quantize_weights,
     read_annotations,
     save_model,
     to_int8_initializers,
     write_quant_map,
 )
+from soniq_tvm.builder import QDQBuilder, choose_bits, quantize_weights
 from soniq_tvm.errors import AnnotationError, ModelLoadError, UnsupportedModelError
 from soniq_tvm.models import example_cnn, example_inputs, example_transformer, save_examples
 

@@ -118,7 +118,7 @@ def test_split_groups_then_fold_permutations(mixed_conv):
 
 def test_fold_permutations_into_producer(rng):
     """conv1 -> relu -> quant(mixed) -> conv2: conv2's gather folds into conv1."""
-    from soniq_tvm.annotation import QDQBuilder
+    from soniq_tvm.builder import QDQBuilder
 
     b = QDQBuilder("two_convs")
     x = b.input("x", [1, 4, 5, 5])

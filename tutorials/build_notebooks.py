@@ -16,7 +16,8 @@ Nothing is downloaded: the model is built here from random weights.
 code("""
 import numpy as np
 import soniq_tvm
-from soniq_tvm.annotation import QDQBuilder, quantize_weights, choose_bits, read_annotations
+from soniq_tvm.annotation import read_annotations
+from soniq_tvm.builder import QDQBuilder, choose_bits, quantize_weights
 """)
 md("""
 ## 1. An annotated model

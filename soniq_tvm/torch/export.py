@@ -2,7 +2,7 @@
 
 The exporter runs the prepared ``GraphModule`` once on the example input with a
 ``torch.fx.Interpreter`` and, node by node, emits the same computation through
-:class:`soniq_tvm.annotation.QDQBuilder`: every QConv2d/QLinear/QMatMul becomes
+:class:`soniq_tvm.builder.QDQBuilder`: every QConv2d/QLinear/QMatMul becomes
 QuantizeLinear -> Max -> Min -> DequantizeLinear on its inputs and an integer weight
 with its DequantizeLinear, annotated with per-channel bits; the float ops in between
 become their ONNX twins. Shapes are those of the example input (static). torch's
@@ -355,7 +355,8 @@ def export_onnx(qmodel: nn.Module, example_input, path: str | os.PathLike | None
     Raises :class:`~soniq_tvm.ExportError` naming the module of any layer or
     operation it cannot express.
     """
-    from soniq_tvm.annotation import QDQBuilder, save_model
+    from soniq_tvm.annotation import save_model
+    from soniq_tvm.builder import QDQBuilder
 
     if not isinstance(qmodel, fx.GraphModule) or not hasattr(qmodel, "soniq_config"):
         raise ExportError("export_onnx needs a model returned by soniq_tvm.torch.prepare",
