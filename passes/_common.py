@@ -38,10 +38,10 @@ def soniq_call(call, mod):
     """``(QOp, [args])`` if ``call`` is an ``R.call_tir`` of a soniq kernel, else None."""
     if not isinstance(call, tv.relax.Call) or call.op != CALL_TIR:
         return None
-    gv = call.args[0]
-    if gv not in mod.functions and gv.name_hint not in [g.name_hint for g in mod.functions]:
+    try:
+        func = mod[call.args[0].name_hint]
+    except (KeyError, ValueError):  # a callee this module does not hold
         return None
-    func = mod[gv.name_hint]
     text = tv.prim_func_attr(func, QOP_ATTR) if isinstance(func, tv.PrimFunc) else None
     if text is None:
         return None

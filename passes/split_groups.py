@@ -22,6 +22,7 @@ import numpy as np
 
 from soniq_tvm import tvm_shim as tv
 from soniq_tvm.qop import QOp
+from soniq_tvm.schedules import registry
 
 from ._common import PERM_PREFIX, emit_qop, module_pass, soniq_call
 
@@ -88,7 +89,7 @@ class _Splitter(tv.PyExprMutator):
                 )
                 group += 1
                 part = emit_qop(self.builder_, sub, xs, [np.ascontiguousarray(sub_w)],
-                                _int8_ref(), self.target, "soniq_part")
+                                registry.get("int8-ref"), self.target, "soniq_part")
                 acc = part if acc is None else self.builder_.emit(tv.relax.op.add(acc, part), "soniq_sum")
             outs.append(acc)
         if len(outs) == 1:
@@ -100,12 +101,6 @@ class _Splitter(tv.PyExprMutator):
         inverse = np.argsort(order)
         return self.builder_.emit(tv.relax.op.take(cat, tv.const(inverse), axis=out_axis),
                                   f"soniq_unperm_{_safe(op.layer)}")
-
-
-def _int8_ref():
-    from soniq_tvm.schedules import registry
-
-    return registry.get("int8-ref")
 
 
 def _safe(name: str) -> str:

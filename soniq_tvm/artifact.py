@@ -92,18 +92,8 @@ class CompiledModule:
         if self._vm is None:
             from tvm.runtime.vm import VirtualMachine
 
-            missing = hardware.missing_features(self.manifest.get("required_features", []))
-            arch = self.manifest.get("arch")
-            if arch and arch != hardware.host_arch():
-                raise HardwareMismatchError(f"module was built for {arch}, this machine is {hardware.host_arch()}",
-                                            hint="compile for this machine's target, or run it where it belongs")
-            if missing:
-                raise HardwareMismatchError(f"this CPU lacks {', '.join(missing)} which the module uses",
-                                            hint="recompile with a target this CPU supports, e.g. 'llvm'")
-            dev = self._device()
-            if self.target.get("kind") == "cuda" and not dev.exist:
-                raise HardwareMismatchError("module needs a CUDA GPU and none is visible")
-            self._vm = VirtualMachine(self._exec if self._exec is not None else self._lib, dev)
+            _check_hardware(self.manifest, self.manifest.get("_source"))
+            self._vm = VirtualMachine(self._exec if self._exec is not None else self._lib, self._device())
         return self._vm
 
     def _arguments(self, args, kwargs) -> list:
@@ -190,6 +180,25 @@ class CompiledModule:
         return path
 
 
+def _check_hardware(manifest: dict, file: str | None) -> None:
+    """Refuse code this machine cannot run: another architecture, missing ISA
+    features (SIGILL otherwise), or a CUDA module without a GPU."""
+    arch = manifest.get("arch")
+    if arch and arch != hardware.host_arch():
+        raise HardwareMismatchError(f"module was built for {arch}, this machine is {hardware.host_arch()}",
+                                    file=file, hint="compile for this machine's target, or run it where it belongs")
+    missing = hardware.missing_features(manifest.get("required_features", []))
+    if missing:
+        raise HardwareMismatchError(f"this CPU lacks {', '.join(missing)}, which the module was built to use",
+                                    file=file, hint="recompile for this CPU, e.g. target='llvm'")
+    if manifest.get("target", {}).get("kind") == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise HardwareMismatchError("module was built for a CUDA GPU and none is visible here", file=file,
+                                        hint="run it on a machine with an NVIDIA GPU and driver")
+
+
 def _to_numpy_list(result) -> list[np.ndarray]:
     if hasattr(result, "numpy"):
         return [result.numpy()]
@@ -225,19 +234,9 @@ def load(path: str | os.PathLike) -> CompiledModule:
         if built.get(key) != now[key]:
             raise ArtifactError(f"built with {key} {built.get(key)}, this runtime has {now[key]}",
                                 file=str(path), hint="recompile with this installation")
-    arch = manifest.get("arch")
-    if arch and arch != hardware.host_arch():
-        raise HardwareMismatchError(f"module was built for {arch}, this machine is {hardware.host_arch()}",
-                                    file=str(path))
-    missing = hardware.missing_features(manifest.get("required_features", []))
-    if missing:
-        raise HardwareMismatchError(f"this CPU lacks {', '.join(missing)}, which the module was built to use",
-                                    file=str(path), hint="recompile for this CPU, e.g. target='llvm'")
+    _check_hardware(manifest, str(path))
     import tvm
 
-    if manifest.get("target", {}).get("kind") == "cuda" and not tvm.cuda(0).exist:
-        raise HardwareMismatchError("module was built for a CUDA GPU and none is visible here",
-                                    file=str(path), hint="run it on a machine with an NVIDIA GPU and driver")
     try:
         lib = tvm.runtime.load_module(str(lib_path))
     except Exception as e:  # noqa: BLE001
