@@ -91,6 +91,12 @@ def _cmd_run(a) -> int:
         print(f"wrote {a.output}")
     if a.benchmark:
         print(f"latency: {m.benchmark(inputs)['median_ms']:.3f} ms (median)")
+    if a.profile:
+        rows = m.profile(inputs)
+        print(f"{'us/run':>10}  {'calls':>5}  {'share':>6}  function")
+        for r in rows[: a.profile]:
+            print(f"{r['us']:10.1f}  {r['calls']:5d}  {100 * r['share']:5.1f}%  {r['name']}")
+        print(f"{sum(r['us'] for r in rows):10.1f}  total of {len(rows)} functions")
     return 0
 
 
@@ -190,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="write outputs to this .npz")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--benchmark", action="store_true")
+    s.add_argument("--profile", type=int, nargs="?", const=25, default=0, metavar="N",
+                   help="time every function the model calls; print the N slowest (default 25)")
     s.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("verify", help="compare a module with ONNX Runtime on the same file")

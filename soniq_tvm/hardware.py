@@ -8,6 +8,8 @@ compile time, with LLVM's help); the loader compares them with
 """
 from __future__ import annotations
 
+import os
+
 import functools
 import platform
 
@@ -39,6 +41,41 @@ def host_features() -> frozenset[str]:
         return frozenset()
     have = set(flags)
     return frozenset(llvm for llvm, linux in TRACKED.items() if linux in have)
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, one per physical core (SMT siblings count once)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        allowed = set(range(os.cpu_count() or 1))
+    cores, cpu, seen_any = set(), None, False
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {}
+            for line in f.read().splitlines() + [""]:
+                if not line.strip():
+                    if "processor" in info and int(info["processor"]) in allowed:
+                        seen_any = True
+                        cores.add((info.get("physical id", "0"), info.get("core id", info["processor"])))
+                    info = {}
+                    continue
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return len(cores) if seen_any and cores else max(1, len(allowed))
+
+
+def use_all_cores() -> int:
+    """Make TVM's thread pool use every physical core unless ``TVM_NUM_THREADS``
+    says otherwise (TVM's own default is half the logical CPUs, one thread on a
+    2-core machine without SMT). Must run before the pool starts; returns the count."""
+    n = os.environ.get("TVM_NUM_THREADS")
+    if n is None:
+        n = str(physical_cores())
+        os.environ["TVM_NUM_THREADS"] = n
+    return int(n)
 
 
 def target_arch(target: dict) -> str:

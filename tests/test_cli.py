@@ -48,6 +48,11 @@ def test_compile_run_verify(onnx_file, tmp_path, capsys):
     assert y.shape == (1, 10) and np.isfinite(y).all()
     assert main(["verify", str(onnx_file), str(out)]) == 0
     assert "PASS" in capsys.readouterr().out
+    assert main(["run", str(out), "--profile", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(l for l in lines if l.strip().startswith("us/run"))) + 1:]
+    assert len(table) == 4 and "total of" in table[-1], lines  # 3 slowest + total
+    assert float(table[0].split()[0]) >= float(table[1].split()[0]) >= float(table[2].split()[0]) > 0
 
 
 def test_errors_exit_2_with_one_line(tmp_path, capsys):

@@ -152,3 +152,35 @@ def test_cuda_module_matches_onnx_runtime(cuda_module):
     proto, m = cuda_module
     report = verify(proto, m, inputs=models.example_inputs(proto))
     assert report.ok, str(report)
+
+
+def test_profile_names_every_kernel(example):
+    name, proto, m = example
+    inputs = models.example_inputs(proto, seed=1)
+    rows = m.profile(inputs, repeat=3)
+    kernels = [r for r in rows if r["name"].startswith("soniq_")]
+    n_groups = sum(len(layer.groups) for layer in m.plan.layers)
+    assert len(kernels) == n_groups, (name, [r["name"] for r in kernels])
+    assert all(r["calls"] >= 1 and r["us"] > 0 for r in rows)
+    assert abs(sum(r["share"] for r in rows) - 1.0) < 1e-6
+    assert [r["us"] for r in rows] == sorted((r["us"] for r in rows), reverse=True)
+    with pytest.raises(soniq_tvm.SoniqError):
+        m.profile(inputs, repeat=0)
+
+
+def test_runs_on_every_physical_core_by_default():
+    code = """
+import os, numpy as np, soniq_tvm
+from soniq_tvm import hardware, models
+os.environ.pop("TVM_NUM_THREADS", None)
+proto = models.example_cnn()
+m = soniq_tvm.compile(proto)
+m.run(models.example_inputs(proto))
+import tvm_ffi
+print(os.environ["TVM_NUM_THREADS"], tvm_ffi.get_global_func("runtime.NumThreads")(), hardware.physical_cores())
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    told, pool, cores = (int(v) for v in out.stdout.split()[-3:])
+    assert told == pool == cores >= 1
