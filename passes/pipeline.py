@@ -73,11 +73,14 @@ def _soniq_layers(mod) -> list:
 
 
 def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
-                 dump_dir: str | None = None, stop_after: str | None = None, tuned=None) -> PipelineResult:
+                 dump_dir: str | None = None, stop_after: str | None = None, tuned=None,
+                 split: str = "auto") -> PipelineResult:
     """Run phases 0-7 on an ONNX ModelProto (int4 initializers already widened),
     or up to and including ``stop_after`` (one of :data:`PHASES`). ``tuned``: a
     :class:`soniq_tvm.tuning.TunedSchedules`; the pack phase takes its
-    (family, knobs) for the kernels it has records of."""
+    (family, knobs) for the kernels it has records of. ``split``: "auto" keeps a
+    mixed layer whole where splitting is not faster (never with a forced family),
+    "always" splits every mixed layer."""
     assert stop_after is None or stop_after in PHASES, stop_after
     mod, params = import_onnx(model, shapes)
     _dump(dump_dir, 0, "import", mod)
@@ -92,7 +95,7 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
             tv.relax.transform.FoldConstant(),
             tv.relax.transform.DeadCodeElimination(),
         ])),
-        ("split", tv.tvm.transform.Sequential([SplitChannelGroups(target),
+        ("split", tv.tvm.transform.Sequential([SplitChannelGroups(target, merge=family is None and split == "auto"),
                                                tv.relax.transform.CanonicalizeBindings()])),
         ("permute", FoldPermutations),
         ("pack", PackWeights(target, force=family, knobs_for=tuned.knobs_for if tuned is not None else None)),

@@ -9,6 +9,16 @@ For every op whose QOp is not uniform:
   outputs are concatenated;
 * both, when both vary.
 
+Splitting pays only when some kernel family computes a narrow group faster than
+the wide one would (bit-serial, packed low-bit, lookup table). On an llvm target
+the pass compares the cost model's estimate for the split groups, plus what the
+split itself moves (gather, slices, the int32 partial-sum adds, the concat),
+with the estimate for the whole op run as one group at its widest width, and
+keeps the op whole when that is no slower (e.g. 2-bit and 8-bit channels on
+AVX-512 VNNI, where ``vpdpbusd`` costs the same for both). Exact either way:
+narrow codes are valid values of the wider width. ``merge=False`` (a forced
+kernel family, or other targets) always splits.
+
 Input channels of a group are made contiguous by permuting the weights at
 compile time and gathering the activation once at run time
 (``take`` bound to a var named ``soniq_perm*``); :mod:`fold_permutations` then
@@ -38,10 +48,11 @@ def channel_groups(keys) -> list[np.ndarray]:
 
 @tv.mutator
 class _Splitter(tv.PyExprMutator):
-    def __init__(self, mod, target):
+    def __init__(self, mod, target, merge):
         super().__init__(mod)
         self.mod_ = mod
         self.target = target
+        self.merge = merge and target is not None and target.kind.name == "llvm"
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -61,6 +72,9 @@ class _Splitter(tv.PyExprMutator):
         in_groups, out_groups = channel_groups(in_keys), channel_groups(out_keys)
         x_axis = 1 if op.kind == "conv2d" else len(op.x_shape) - 1
         out_axis = 1 if op.kind == "conv2d" else len(op.out_shape) - 1
+        if self.merge and not _split_pays(op, w, in_groups, out_groups, self.target):
+            whole = op.with_(a_bits=(op.a_bit,) * len(op.a_bits), w_bits=(op.w_bit,) * len(op.w_bits))
+            return emit_qop(self.builder_, whole, x, [w], registry.get("int8-ref"), self.target, "soniq_whole")
 
         perm = np.concatenate(in_groups)
         if len(in_groups) > 1 and not np.array_equal(perm, np.arange(cin)):
@@ -103,9 +117,45 @@ class _Splitter(tv.PyExprMutator):
                                   f"soniq_unperm_{_safe(op.layer)}")
 
 
+def _sub_ops(op: QOp, w: np.ndarray, in_groups, out_groups):
+    """The uniform sub-ops of the split, in emission order (shapes and bits only)."""
+    x_axis = 1 if op.kind == "conv2d" else len(op.x_shape) - 1
+    for oidx in out_groups:
+        for iidx in in_groups:
+            w_shape = (len(oidx), len(iidx)) + tuple(w.shape[2:]) if op.kind == "conv2d" else (len(iidx), len(oidx))
+            x_shape = list(op.x_shape)
+            x_shape[x_axis] = len(iidx)
+            w_bit = op.w_bits[iidx[0]] if op.w_axis == "in" else op.w_bits[oidx[0]]
+            w_count = len(iidx) if op.w_axis == "in" else len(oidx)
+            yield op.with_(x_shape=tuple(x_shape), w_shape=w_shape, a_bits=(op.a_bits[iidx[0]],) * len(iidx),
+                           w_bits=(w_bit,) * w_count)
+
+
+def _cheapest(op: QOp, target) -> float:
+    fam = registry.select(op, target)
+    cost = fam.cost(op, target)
+    return float("inf") if cost is None else float(cost)
+
+
+def _split_pays(op: QOp, w: np.ndarray, in_groups, out_groups, target) -> bool:
+    """Whether the split groups are estimated faster than the whole op at its
+    widest width (cost-model units: about one cycle per 8 bytes copied)."""
+    whole = op.with_(a_bits=(op.a_bit,) * len(op.a_bits), w_bits=(op.w_bit,) * len(op.w_bits))
+    x_elems = int(np.prod(op.x_shape))
+    out_elems = int(np.prod(op.out_shape))
+    moved = 0.0
+    if len(in_groups) > 1:
+        moved += 2 * x_elems / 8.0  # the gather (when not folded away) and the slices
+        moved += (len(in_groups) - 1) * len(out_groups) * 3 * 4 * out_elems / 8.0  # int32 adds
+    if len(out_groups) > 1:
+        moved += 2 * 4 * out_elems / 8.0  # concat (and un-permute)
+    split = sum(_cheapest(sub, target) for sub in _sub_ops(op, w, in_groups, out_groups)) + moved
+    return split < _cheapest(whole, target)
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
 
 
-def SplitChannelGroups(target=None):
-    return module_pass(lambda mod: _Splitter(mod, target), "soniq.SplitChannelGroups")
+def SplitChannelGroups(target=None, merge: bool = True):
+    return module_pass(lambda mod: _Splitter(mod, target, merge), "soniq.SplitChannelGroups")

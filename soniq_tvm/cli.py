@@ -57,7 +57,7 @@ def _inputs(items, specs) -> dict:
 def _cmd_inspect(a) -> int:
     from .compiler import inspect
 
-    plan = inspect(a.model, a.target, shapes=_shapes(a.shape))
+    plan = inspect(a.model, a.target, shapes=_shapes(a.shape), split=a.split)
     print(plan.to_json() if a.json else plan)
     return 0
 
@@ -65,11 +65,16 @@ def _cmd_inspect(a) -> int:
 def _cmd_compile(a) -> int:
     from .compiler import compile as _compile
 
-    m = _compile(a.model, a.target, shapes=_shapes(a.shape), dump_ir=a.dump_ir, database=a.db, strict=a.strict)
+    m = _compile(a.model, a.target, shapes=_shapes(a.shape), dump_ir=a.dump_ir, database=a.db, strict=a.strict,
+                  split=a.split)
     path = m.save(a.output)
     print(m.plan)
     print(f"saved {path} (compiled in {m.manifest['compile_seconds']:.1f} s)")
     return 0
+
+
+_SPLIT_HELP = ("auto: split mixed layers into channel groups only where that is faster on the target; "
+               "always: split every mixed layer (weights packed at their real widths)")
 
 
 def _cmd_run(a) -> int:
@@ -119,7 +124,8 @@ def _cmd_tune(a) -> int:
     measure = MeasureConfig(repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, build_timeout_s=a.build_timeout,
                             run_timeout_s=a.run_timeout)
     result = tune(a.model, a.target, a.db, trials=a.trials, ms_trials=a.ms_trials, shapes=_shapes(a.shape),
-                  rpc=rpc, seed=a.seed, cost_model=a.cost_model, measure=measure, progress=not a.quiet)
+                  rpc=rpc, seed=a.seed, cost_model=a.cost_model, measure=measure, progress=not a.quiet,
+                  split=a.split)
     if a.json:
         import json
 
@@ -178,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default="llvm")
     s.add_argument("--shape", action="append", help="NAME=D1,D2,... for dynamic inputs")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--split", choices=("auto", "always"), default="auto", help=_SPLIT_HELP)
     s.set_defaults(fn=_cmd_inspect)
 
     s = sub.add_parser("compile", help="compile and save a deployable module")
@@ -188,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dump-ir", help="write the IR after every pass into this directory")
     s.add_argument("--db", help="tuning database to apply (records for other targets are skipped)")
     s.add_argument("--strict", action="store_true", help="with --db: a record for another target is an error")
+    s.add_argument("--split", choices=("auto", "always"), default="auto", help=_SPLIT_HELP)
     s.set_defaults(fn=_cmd_compile)
 
     s = sub.add_parser("run", help="run a saved module")
@@ -222,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", action="append")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cost-model", choices=("random", "xgb"), default="random")
+    s.add_argument("--split", choices=("auto", "always"), default="auto",
+                   help="as for compile: the kernels tuned are those compile makes with the same --split")
     s.add_argument("--repeat", type=int, default=3, help="timed repeats per candidate (median)")
     s.add_argument("--min-repeat-ms", type=int, default=40)
     s.add_argument("--build-timeout", type=float, default=120.0, help="seconds per build")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import hardware
 from .artifact import CompiledModule
-from .errors import SoniqError, UnsupportedModelError
+from .errors import InputError, SoniqError, UnsupportedModelError
 from .plan import GroupPlan, LayerPlan, Plan
 from .targets import describe, parse_target, to_tvm_target
 
@@ -109,9 +109,16 @@ def _check_ops(model) -> None:
                 hint="convert it to standard ONNX ops (QOperator models: export as QDQ)")
 
 
-def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, stop_after=None, tuned=None):
+SPLIT_MODES = ("auto", "always")
+
+
+def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, stop_after=None, tuned=None,
+            split="auto"):
     """Run the passes; returns ``(pipeline result, target dict, model, inputs, outputs)``.
-    ``tuned``: a :class:`soniq_tvm.tuning.TunedSchedules` (see :func:`compile`)."""
+    ``tuned``: a :class:`soniq_tvm.tuning.TunedSchedules`; ``split``: see :func:`compile`."""
+    if split not in SPLIT_MODES:
+        raise InputError(f"split={split!r} is not one of {', '.join(SPLIT_MODES)}",
+                         hint="'auto' splits where a narrow kernel is faster, 'always' splits every mixed layer")
     from soniq_tvm.passes.pipeline import run_pipeline
 
     from .annotation import to_int8_initializers
@@ -125,7 +132,7 @@ def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, sto
     shape_dict = {i["name"]: i["shape"] for i in ins}
     try:
         result = run_pipeline(widened, infos, to_tvm_target(tgt), shapes=shape_dict, family=family,
-                              dump_dir=dump_ir, stop_after=stop_after, tuned=tuned)
+                              dump_dir=dump_ir, stop_after=stop_after, tuned=tuned, split=split)
     except SoniqError:
         raise
     except Exception as e:  # noqa: BLE001  (importer errors are untyped)
@@ -152,6 +159,11 @@ def build_plan(result, tgt: dict) -> Plan:
         layers.append(LayerPlan(name=whole.layer, kind=whole.kind, w_axis=whole.w_axis, w_bits=whole.w_bits,
                                 a_bits=whole.a_bits, groups=gps, gathers=result.gathers.get(safe, 0)))
     notes = []
+    whole = [l.name for l in layers if len(l.groups) == 1 and (len(set(l.w_bits)) > 1 or len(set(l.a_bits)) > 1)]
+    if whole:
+        notes.append(f"{len(whole)} mixed-precision layer(s) run whole at their widest width, no faster split "
+                     f"on this target (split='always' forces it): {', '.join(whole[:4])}"
+                     + (", ..." if len(whole) > 4 else ""))
     folded = sum(result.gathers_after_split.values()) - sum(result.gathers.values())
     if result.gathers_after_split:
         notes.append(f"{folded} of {sum(result.gathers_after_split.values())} channel permutations folded "
@@ -168,11 +180,12 @@ def _tuned(database, target, strict: bool):
     return TunedSchedules(database, parse_target(target), strict=strict)
 
 
-def inspect(model, target="llvm", *, shapes=None, family=None, database=None, strict=False) -> Plan:
+def inspect(model, target="llvm", *, shapes=None, family=None, database=None, strict=False,
+            split="auto") -> Plan:
     """The precision plan of ``model`` on ``target`` (runs the passes, builds nothing).
-    ``database``/``strict``: as for :func:`compile` (integer kernels only)."""
+    ``database``/``strict``/``split``: as for :func:`compile`."""
     tuned = _tuned(database, target, strict)
-    result, tgt, *_ = prepare(model, target, shapes=shapes, family=family, tuned=tuned)
+    result, tgt, *_ = prepare(model, target, shapes=shapes, family=family, tuned=tuned, split=split)
     plan = build_plan(result, tgt)
     if tuned is not None:
         tuned.check()
@@ -181,13 +194,19 @@ def inspect(model, target="llvm", *, shapes=None, family=None, database=None, st
 
 
 def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, database=None,  # noqa: A001
-            strict=False) -> CompiledModule:
+            strict=False, split="auto") -> CompiledModule:
     """Compile an annotated ONNX model (path or ModelProto) for ``target``.
 
     ``target``: a legacy string (``"llvm -mcpu=skylake-avx512"``), a dict, or a
     ``tvm.target.Target``; ``"llvm"`` is this host. ``shapes`` fixes dynamic input
     shapes; ``family`` forces one kernel family for every group (testing);
     ``dump_ir`` writes the IR after each pass into that directory.
+    ``split``: ``"auto"`` (default) splits a mixed-precision layer into channel
+    groups only where the cost model says a narrow-width kernel makes it faster,
+    and otherwise runs it whole at its widest width (same results, exact either
+    way; weights then stay int8); ``"always"`` splits every mixed layer, e.g. to
+    keep weights packed at their real width. The plan's notes count the layers
+    kept whole.
     ``database``: a tuning database file (``soniq_tvm.tune``); the schedules tuned
     for this target's fingerprint are used, records for other targets are
     skipped with a :class:`~soniq_tvm.tuning.TuningWarning` saying which and why
@@ -199,7 +218,7 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
     t0 = time.time()
     tuned = _tuned(database, target, strict)
     result, tgt, model, ins, outs = prepare(model, target, shapes=shapes, family=family, dump_ir=dump_ir,
-                                            tuned=tuned)
+                                            tuned=tuned, split=split)
     if tuned is not None:
         tuned.check()
     from soniq_tvm.passes.pipeline import build_pipeline

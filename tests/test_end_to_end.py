@@ -15,10 +15,12 @@ from soniq_tvm.targets import parse_target
 from soniq_tvm.verify import verify
 
 
-@pytest.fixture(scope="module", params=["cnn", "transformer"])
+@pytest.fixture(scope="module", params=[("cnn", "always"), ("transformer", "always"), ("cnn", "auto"),
+                                        ("transformer", "auto")], ids=lambda p: "-".join(p))
 def example(request):
-    proto = models.example_cnn() if request.param == "cnn" else models.example_transformer()
-    return request.param, proto, soniq_tvm.compile(proto, "llvm")
+    name, split = request.param
+    proto = models.example_cnn() if name == "cnn" else models.example_transformer()
+    return f"{name}-{split}", proto, soniq_tvm.compile(proto, "llvm", split=split)
 
 
 def test_matches_onnx_runtime(example):
@@ -29,10 +31,15 @@ def test_matches_onnx_runtime(example):
 
 
 def test_plan_is_mixed_and_packed(example):
-    _, _, m = example
+    name, _, m = example
     plan = m.plan
     assert plan.layers, "no integer layer was folded"
-    assert any(len(l.groups) >= 2 for l in plan.layers), "no layer was split into channel groups"
+    mixed = [l for l in plan.layers if len(set(l.w_bits)) > 1 or len(set(l.a_bits)) > 1]
+    split = [l for l in mixed if len(l.groups) >= 2]
+    if name.endswith("always"):
+        assert split == mixed and split, "every mixed layer must be split into channel groups"
+    elif len(split) < len(mixed):  # auto: the layers kept whole are counted in the notes
+        assert any(f"{len(mixed) - len(split)} mixed-precision layer(s) run whole" in n for n in plan.notes)
     assert all(g.bytes_packed > 0 for l in plan.layers for g in l.groups)  # real stored bytes per family
     for layer in plan.layers:
         assert sum(g.in_channels for g in layer.groups if g.index == layer.groups[0].index) > 0

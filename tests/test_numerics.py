@@ -27,8 +27,10 @@ def _exact(case, out):
     np.testing.assert_array_equal(out, expect.astype(np.float32))
 
 
-def _check(case):
-    m = soniq_tvm.compile(case.model, "llvm")
+def _check(case, split="always"):
+    """Compile (every mixed layer split into its channel groups, unless ``split``
+    says otherwise) and check bit-exactness and agreement with ONNX Runtime."""
+    m = soniq_tvm.compile(case.model, "llvm", split=split)
     out = m.run({"x": case.x})[0]
     _exact(case, out)
     agreement = compare("y", out, ort_reference(case.model, {"x": case.x})[0])
@@ -49,6 +51,27 @@ def test_matmul_every_width_pair(w_bits, a_bits, rng):
     expect_groups = 1 if (w_bits, a_bits) == (8, 8) else 2
     assert len(layer.groups) == expect_groups
     assert {(g.w_bits, g.a_bits) for g in layer.groups} == {(w_bits, a_bits), (8, 8)}
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(1, 1), (2, 2), (4, 8), (8, 3)])
+def test_auto_split_is_exact_either_way(w_bits, a_bits, rng):
+    """split='auto' keeps a layer whole at its widest width where splitting does
+    not pay: the results are bit-identical to the split module's."""
+    k = 21
+    low = rng.permutation(k)[:15]
+    a = [a_bits if c in low else 8 for c in range(k)]
+    w = [w_bits if c in low else 8 for c in range(k)]
+    case = matmul_case(rng, (4, 3), k, 19, a, w, w_axis=0, a_signed=a_bits != 1)
+    auto = _check(case, split="auto")
+    split = _check(case, split="always")
+    np.testing.assert_array_equal(auto.run({"x": case.x})[0], split.run({"x": case.x})[0])
+    layer = auto.plan.layers[0]
+    assert len(split.plan.layers[0].groups) == 2
+    if len(layer.groups) == 1:
+        assert (layer.groups[0].w_bits, layer.groups[0].a_bits) == (8, 8)
+        assert any("run whole at their widest width" in n for n in auto.plan.notes), auto.plan.notes
+    with pytest.raises(soniq_tvm.SoniqError, match="split="):
+        soniq_tvm.inspect(case.model, split="sometimes")
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 0.75, 1.0])

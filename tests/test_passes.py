@@ -104,7 +104,7 @@ def test_fold_qdq_makes_integer_kernel(mixed_conv):
 
 def test_split_groups_then_fold_permutations(mixed_conv):
     bind = prepare(mixed_conv.model, stop_after="bind")[0].mod
-    split = prepare(mixed_conv.model, stop_after="split")[0]
+    split = prepare(mixed_conv.model, stop_after="split", split="always")[0]
     ops = _soniq_ops(split.mod)
     assert sorted((o.w_bit, o.a_bit, o.in_channels) for o, _ in ops) == [(2, 2, 3), (8, 8, 3)]
     assert all(o.uniform for o, _ in ops)
@@ -112,7 +112,7 @@ def test_split_groups_then_fold_permutations(mixed_conv):
     x = mixed_conv.x
     np.testing.assert_array_equal(_run(bind, x), _run(split.mod, x))
     # the gather reads the model input: nothing upstream can absorb it
-    perm = prepare(mixed_conv.model, stop_after="permute")[0]
+    perm = prepare(mixed_conv.model, stop_after="permute", split="always")[0]
     assert sum(perm.gathers.values()) == 1
 
 
@@ -134,8 +134,8 @@ def test_fold_permutations_into_producer(rng):
     out = b.conv(yd, w2, np.full(3, 2.0 ** -6, np.float32), bits, w_axis=1)
     b.output(out, "out")
     model = b.build()
-    split = prepare(model, stop_after="split")[0]
-    folded = prepare(model, stop_after="permute")[0]
+    split = prepare(model, stop_after="split", split="always")[0]
+    folded = prepare(model, stop_after="permute", split="always")[0]
     assert sum(split.gathers_after_split.values()) == 1
     assert sum(folded.gathers.values()) == 0 and "relax.take" not in _ops(folded.mod)
     xin = (rng.integers(-128, 128, (1, 4, 5, 5)) * 2.0 ** -4).astype(np.float32)
@@ -143,7 +143,7 @@ def test_fold_permutations_into_producer(rng):
 
 
 def test_pack_weights_bitplanes(mixed_conv):
-    permuted = prepare(mixed_conv.model, stop_after="permute")[0].mod
+    permuted = prepare(mixed_conv.model, stop_after="permute", split="always")[0].mod
     packed = prepare(mixed_conv.model, stop_after="pack", family="bitplane-ref")[0].mod
     before = {o.group: (o, tv.const_value(a[1])) for o, a in _soniq_ops(permuted)}
     after = {o.group: (o, tv.const_value(a[1])) for o, a in _soniq_ops(packed)}
@@ -158,7 +158,7 @@ def test_pack_weights_bitplanes(mixed_conv):
 
 def test_matmul_out_axis_split_restores_order(rng):
     case = matmul_case(rng, (1, 2), 9, 7, [8] * 9, [3, 8, 3, 3, 8, 8, 3], w_axis=1)
-    res = prepare(case.model, stop_after="permute")[0]
+    res = prepare(case.model, stop_after="permute", split="always")[0]
     ops = _soniq_ops(res.mod)
     assert sorted(o.out_channels for o, _ in ops) == [3, 4]
     assert "relax.concat" in _ops(res.mod)

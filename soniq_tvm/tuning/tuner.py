@@ -151,7 +151,7 @@ def _allocate(tasks, spaces: dict, mins: dict, budget: int) -> dict:
 
 def tune(model, target="llvm", database="tuning.db", trials: int = 200, *, ms_trials: int | None = None,
          shapes=None, rpc=None, seed: int = 0, cost_model: str = "random", verify: bool = True,
-         measure=None, progress: bool = True, log=None) -> TuneResult:
+         measure=None, progress: bool = True, log=None, split: str = "auto") -> TuneResult:
     """Tune ``model`` (ONNX path or ModelProto) for ``target`` into the database file ``database``.
 
     ``trials``: the budget, candidates measured for this target in all (records
@@ -161,7 +161,9 @@ def tune(model, target="llvm", database="tuning.db", trials: int = 200, *, ms_tr
     measure on remote devices (default: this machine). ``cost_model``:
     ``"random"`` or ``"xgb"`` (needs ``xgboost``: ``pip install soniq-tvm[tune]``).
     ``measure``: a :class:`~soniq_tvm.tuning.measure.MeasureConfig`.
-    ``progress``: the progress bar on stderr. Returns a :class:`TuneResult`.
+    ``progress``: the progress bar on stderr. ``split``: as for
+    :func:`~soniq_tvm.compile` (the kernels tuned are the ones a compile with the
+    same ``split`` builds). Returns a :class:`TuneResult`.
     """
     from ..compiler import prepare
     from ..targets import describe, to_tvm_target
@@ -182,7 +184,7 @@ def tune(model, target="llvm", database="tuning.db", trials: int = 200, *, ms_tr
     db = TuningDatabase(database)
     measurer = None
     try:
-        result, tgt, *_ = prepare(model, target, shapes=shapes)
+        result, tgt, *_ = prepare(model, target, shapes=shapes, split=split)
         tvm_target = to_tvm_target(tgt)
         fp = fingerprint(tgt)
         fpk = fingerprint_key(fp)

@@ -57,7 +57,7 @@ def tuned(tmp_path_factory, model_path):
     proc = run_py(f"""
         import json, soniq_tvm
         from soniq_tvm.tuning import MeasureConfig, TuningDatabase
-        r = soniq_tvm.tune({model_path!r}, "llvm", "tuned.db", trials=10, ms_trials=0, progress=False,
+        r = soniq_tvm.tune({model_path!r}, "llvm", "tuned.db", trials=10, ms_trials=0, split="always", progress=False,
                            measure=MeasureConfig(**{FAST!r}))
         best = {{}}
         with TuningDatabase("tuned.db", create=False) as db:

@@ -18,7 +18,8 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.tune
 
-TUNE = ["tune", "--db", "t.db", "--trials", "40", "--ms-trials", "0", "--repeat", "1", "--min-repeat-ms", "2"]
+TUNE = ["tune", "--db", "t.db", "--trials", "40", "--ms-trials", "0", "--repeat", "1", "--min-repeat-ms", "2",
+        "--split", "always"]
 
 
 def _start(model, cwd):

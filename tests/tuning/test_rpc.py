@@ -20,7 +20,7 @@ def test_tuning_through_an_rpc_tracker_with_two_servers(tmp_path, model_path):
     db = tmp_path / "rpc.db"
     with LocalCluster(servers=2, key="soniq-test") as cluster:
         assert cluster.rpc().servers() == 2
-        r = soniq_tvm.tune(model_path, "llvm", str(db), trials=6, ms_trials=2, rpc=cluster.rpc(), progress=False,
+        r = soniq_tvm.tune(model_path, "llvm", str(db), trials=6, ms_trials=2, split="always", rpc=cluster.rpc(), progress=False,
                            measure=MeasureConfig(**FAST))
         procs = list(cluster.procs)
     assert all(p.poll() is not None for p in procs)  # the cluster is gone

@@ -25,7 +25,7 @@ def tasks(host):
     from soniq_tvm.compiler import prepare
     from soniq_tvm.tuning import workloads
 
-    result, tgt, *_ = prepare(small_model(), host[0])
+    result, tgt, *_ = prepare(small_model(), host[0], split="always")
     knob, ms = workloads.extract(result, host[1])
     return knob, ms
 
@@ -87,17 +87,17 @@ def test_records_for_this_target_are_applied_by_the_pack_pass(tmp_path, tasks, h
     db = tmp_path / "fake.db"
     _fake_records(db, tasks[0], fingerprint(host[0]), {"u": 4, "v": 1}, faster=True)
     tuned = TunedSchedules(db, host[0])
-    result, *_ = prepare(small_model(), host[0], tuned=tuned)
+    result, *_ = prepare(small_model(), host[0], tuned=tuned, split="always")
     ops = _soniq_layers(result.mod)
     assert ops and all(op.family == "test-knobs" and op.knobs == {"u": 4, "v": 1} for op in ops)
     assert len(tuned.applied) == len(ops) and not tuned.skipped
 
-    m = soniq_tvm.compile(small_model(), host[0], database=str(db))
+    m = soniq_tvm.compile(small_model(), host[0], database=str(db), split="always")
     assert {a["schedule"] for a in m.manifest["tuning"]["applied"] if a["kind"] == "qop"} == {
         "test-knobs {'u': 4, 'v': 1}"}
     assert any("use tuned schedules" in n for n in m.plan.notes)
     x = {"x": np.random.default_rng(1).standard_normal((1, 8, 8, 8)).astype(np.float32)}
-    np.testing.assert_array_equal(m.run(x)[0], soniq_tvm.compile(small_model(), host[0]).run(x)[0])
+    np.testing.assert_array_equal(m.run(x)[0], soniq_tvm.compile(small_model(), host[0], split="always").run(x)[0])
 
 
 def test_stale_records_are_skipped_with_the_reason(tmp_path, tasks, host, fake_families):
@@ -107,7 +107,7 @@ def test_stale_records_are_skipped_with_the_reason(tmp_path, tasks, host, fake_f
     db = tmp_path / "stale.db"
     _fake_records(db, tasks[0], fingerprint(host[0]), {"u": 3, "v": 1}, faster=True)  # now an invalid setting
     tuned = TunedSchedules(db, host[0])
-    prepare(small_model(), host[0], tuned=tuned)
+    prepare(small_model(), host[0], tuned=tuned, split="always")
     # the invalid fastest record is passed over; the next fastest (the default) applies
     assert all(a["schedule"].endswith("(default knobs)") for a in tuned.applied)
 
@@ -136,7 +136,7 @@ def test_tune_measures_the_fake_family_knobs(tmp_path, model_path, fake_families
     from soniq_tvm.tuning import MeasureConfig, fingerprint, fingerprint_key
 
     db = tmp_path / "k.db"
-    r = soniq_tvm.tune(model_path, "llvm", str(db), trials=40, ms_trials=0, progress=False,
+    r = soniq_tvm.tune(model_path, "llvm", str(db), trials=40, ms_trials=0, progress=False, split="always",
                        measure=MeasureConfig(**FAST))
     assert not r.interrupted and r.measured == sum(t.planned for t in r.tasks) <= 40
     fpk = fingerprint_key(fingerprint("llvm"))
@@ -147,6 +147,6 @@ def test_tune_measures_the_fake_family_knobs(tmp_path, model_path, fake_families
             assert "test-knobs" in fams and len(recs) == t.planned
             assert all(x.ok for x in recs), [x.error for x in recs if not x.ok]
             assert not any(x.candidate["knobs"] == {"u": 3, "v": 1} for x in recs)
-    again = soniq_tvm.tune(model_path, "llvm", str(db), trials=40, ms_trials=0, progress=False,
+    again = soniq_tvm.tune(model_path, "llvm", str(db), trials=40, ms_trials=0, progress=False, split="always",
                            measure=MeasureConfig(**FAST))
     assert again.measured == 0 and again.resumed == r.measured  # nothing left to do

@@ -36,7 +36,7 @@ def test_database_copied_to_another_machine_gives_the_same_schedules(tuned, mode
     proc = run_py(f"""
         import json, time, soniq_tvm
         t0 = time.time()
-        m = soniq_tvm.compile({model_path!r}, "llvm", database="copied.db", strict=True)
+        m = soniq_tvm.compile({model_path!r}, "llvm", database="copied.db", strict=True, split="always")
         print("RESULT" + json.dumps({{"tuning": m.manifest["tuning"], "seconds": time.time() - t0}}))
         """, b)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,12 +57,12 @@ def test_records_for_another_mcpu_are_not_applied(tuned, model_path):
     other = _other_mcpu()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = soniq_tvm.inspect(model_path, f"llvm -mcpu={other}", database=db)
+        plan = soniq_tvm.inspect(model_path, f"llvm -mcpu={other}", database=db, split="always")
     msgs = [str(w.message) for w in caught if issubclass(w.category, TuningWarning)]
     assert msgs and f"!= {other}" in msgs[0] and db in msgs[0]
     assert any("skipped" in n for n in plan.notes)
     with pytest.raises(TuningDatabaseError) as e:
-        soniq_tvm.inspect(model_path, f"llvm -mcpu={other}", database=db, strict=True)
+        soniq_tvm.inspect(model_path, f"llvm -mcpu={other}", database=db, strict=True, split="always")
     assert e.value.file == db and f"!= {other}" in str(e.value)
 
 
@@ -74,7 +74,7 @@ def test_metaschedule_tasks_are_tuned_and_applied(tmp_path, model_path):
     from soniq_tvm.tuning import MeasureConfig, fingerprint, fingerprint_key
 
     db = tmp_path / "ms.db"
-    r = soniq_tvm.tune(model_path, "llvm", str(db), trials=8, ms_trials=6, progress=False,
+    r = soniq_tvm.tune(model_path, "llvm", str(db), trials=8, ms_trials=6, progress=False, split="always",
                        measure=MeasureConfig(**FAST))
     ms_tasks = [t for t in r.tasks if t.kind == "ms"]
     assert ms_tasks and r.measured <= 8 + 2
@@ -87,8 +87,8 @@ def test_metaschedule_tasks_are_tuned_and_applied(tmp_path, model_path):
         # make a trace the fastest, so compile must replay it rather than keep the default
         d.add([dataclasses.replace(traces[0], latency_us=1e-3)])
     x = {"x": np.random.default_rng(2).standard_normal((1, 8, 8, 8)).astype(np.float32)}
-    m = soniq_tvm.compile(model_path, "llvm", database=str(db))
+    m = soniq_tvm.compile(model_path, "llvm", database=str(db), split="always")
     kinds = [a["schedule"] for a in m.manifest["tuning"]["applied"] if a["kind"] == "ms"]
     assert "MetaSchedule trace" in kinds, m.manifest["tuning"]
-    np.testing.assert_allclose(m.run(x)[0], soniq_tvm.compile(small_model(), "llvm").run(x)[0], rtol=1e-6,
+    np.testing.assert_allclose(m.run(x)[0], soniq_tvm.compile(small_model(), "llvm", split="always").run(x)[0], rtol=1e-6,
                                atol=1e-6)
