@@ -58,6 +58,7 @@ class CompiledModule:
         self._exec = executable  # tvm.runtime.Executable (only right after compile)
         self.manifest = manifest
         self._vm = None
+        self._inbufs = None  # device tensors of the inputs, refilled by every run
 
     # ---- description -------------------------------------------------------
     @property
@@ -98,33 +99,38 @@ class CompiledModule:
         return self._vm
 
     def _arguments(self, args, kwargs) -> list:
+        """Device tensors for the inputs, checked against the compiled signature.
+        The tensors are allocated once and refilled on every call (a module runs
+        one call at a time, like the VM it wraps)."""
         import tvm
 
         if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
-            given = dict(args[0])
+            given = args[0]
         else:
             if len(args) > len(self.inputs):
                 raise InputError(f"got {len(args)} positional inputs, the model takes {len(self.inputs)}")
             given = {spec["name"]: a for spec, a in zip(self.inputs, args)}
             given.update(kwargs)
         names = [i["name"] for i in self.inputs]
-        unknown = [k for k in given if k not in names]
-        if unknown:
-            raise InputError(f"unknown input {unknown[0]!r}", tensor=unknown[0], hint=f"inputs are {names}")
-        dev = self._device()
-        out = []
-        for spec in self.inputs:
+        if len(given) != len(names) or any(k not in given for k in names):
+            unknown = [k for k in given if k not in names]
+            if unknown:
+                raise InputError(f"unknown input {unknown[0]!r}", tensor=unknown[0], hint=f"inputs are {names}")
+            missing = next(k for k in names if k not in given)
+            raise InputError("missing input", tensor=missing, hint=f"inputs are {names}")
+        if self._inbufs is None:
+            dev = self._device()
+            self._inbufs = [tvm.runtime.empty(tuple(spec["shape"]), spec["dtype"], dev) for spec in self.inputs]
+        for spec, buf in zip(self.inputs, self._inbufs):
             name = spec["name"]
-            if name not in given:
-                raise InputError("missing input", tensor=name, hint=f"inputs are {names}")
             arr = np.asarray(given[name])
-            if list(arr.shape) != list(spec["shape"]):
+            if arr.shape != tuple(spec["shape"]):
                 raise InputError(f"shape {list(arr.shape)} does not match the compiled {spec['shape']}", tensor=name)
-            if str(arr.dtype) != spec["dtype"]:
+            if arr.dtype != np.dtype(spec["dtype"]):
                 raise InputError(f"dtype {arr.dtype} does not match the compiled {spec['dtype']}", tensor=name,
                                  hint=f"convert with .astype('{spec['dtype']}')")
-            out.append(tvm.runtime.tensor(np.ascontiguousarray(arr), dev))
-        return out
+            buf.copyfrom(np.ascontiguousarray(arr))
+        return self._inbufs
 
     def run(self, *args, **kwargs) -> list[np.ndarray]:
         """Run on ``{name: array}`` (or positional arrays); returns a list of arrays."""
