@@ -19,7 +19,10 @@ Sections (``--sections``, all by default):
 
 * ``families``: the table above (one timing per kernel, compiled one after another).
 * ``gemv``: the decode GEMV (4096 x 4096, batch 1) at (w, a) = (2, 8), (4, 8),
-  (1, 8), (8, 8) for the packed low-bit families, int8-dot and ``bitplane-ref``,
+  (1, 8), (8, 8) for the packed low-bit families, the lookup-table families
+  (``x86-*-lut``: its %prim is against ``_lut_tir.primitive``, the same lookups and
+  16-bit sums on L1-resident tables and weights, counted in byte lookups), int8-dot
+  and ``bitplane-ref``,
   plus ONNX Runtime's INT8 QDQ MatMul (per-channel ``quantize_static``,
   ``ORT_ENABLE_ALL``, 2 threads) on the same shape. Every kernel and the packed
   low-bit primitive (``_kernel_prims.lowbit_kernel``) are timed **interleaved**, in
@@ -123,6 +126,7 @@ LOWBIT_RUNS = [  # (family, mcpu or None for the host, host features it needs to
     ("x86-avx2-lowbit", AVX2_CPU, {"avx2"}),
 ]
 DOT_RUNS = [("x86-avx512-vnni", None, {"avx512f", "avx512bw", "avx512vnni"}), ("x86-avx2-dot", AVX2_CPU, {"avx2"})]
+LUT_RUNS = [("x86-avx512-lut", None, {"avx512f", "avx512bw"}), ("x86-avx2-lut", AVX2_CPU, {"avx2"})]
 PRIM_MODE = {"x86-avx512-lowbit": ("vnni512", None), "x86-avxvnni-lowbit": ("vnni256", "alderlake"),
              "x86-avx2-lowbit": ("madd256", AVX2_CPU)}
 
@@ -181,6 +185,37 @@ def _prim_timer(mode, mcpu):
     n = 500
     ev = lib.mod.time_evaluator("prim", tvm.cpu(), number=3, repeat=1)
     return lambda: ev(*args, n).mean / (THREADS * macs * n)
+
+
+def _lut_lookups(op) -> int:
+    """Byte lookups of a lookup-table kernel: one per 4 weights and plane."""
+    from soniq_tvm.schedules.cpu.lut import GROUP, planes
+
+    return op.w_shape[1] * int(np.prod(op.x_shape[:-1])) * -(-op.w_shape[0] // GROUP) * planes(op)
+
+
+def _lut_prim_timer(name, op):
+    """Timer of the lookup-table primitive for ``op``'s unit kind (the first unit) and
+    high-byte table: seconds per byte lookup (2 threads)."""
+    import tvm
+
+    from soniq_tvm.schedules import registry
+    from soniq_tvm.schedules.cpu._lut_tir import primitive
+    from soniq_tvm.schedules.cpu.lut import needs_high_table, units
+
+    fam = registry.get(name)
+    kind = units(op, fam.mode)[0][0]
+    func, lookups = primitive(fam.mode.name, kind == "pair", needs_high_table(op), threads=THREADS)
+    mcpu = dict((n, m) for n, m, _ in LUT_RUNS)[name]
+    lib = tvm.compile(func.with_attr("global_symbol", "prim"), target=_target(mcpu))
+    rng = np.random.default_rng(0)
+    vb = fam.mode.vb
+    args = [tvm.runtime.tensor(rng.integers(0, 256, (THREADS, 128, 4, 16)).astype("uint8")),
+            tvm.runtime.tensor(rng.integers(0, 256, (THREADS, 128, 4 * vb)).astype("uint8")),
+            tvm.runtime.tensor(np.zeros((THREADS, 4 * vb), "uint16"))]
+    n = 200
+    ev = lib.mod.time_evaluator("prim", tvm.cpu(), number=3, repeat=1)
+    return lambda: ev(*args, n).mean / (THREADS * lookups * n)
 
 
 def ort_int8_gemv_timer(k: int = 4096, n: int = 4096, workdir=None):
@@ -245,13 +280,15 @@ def gemv_section(rounds: int, log=print, pairs=((2, 8), (4, 8), (1, 8), (8, 8)),
     timers, meta = {}, {}
     for wb, ab in pairs:
         op = QOp("matmul", "gemv4096", (1, k), (k, n), (wb,) * k, (ab,) * k)
-        for name, mcpu in _applicable(LOWBIT_RUNS + DOT_RUNS, hostf):
+        for name, mcpu in _applicable(LOWBIT_RUNS + LUT_RUNS + DOT_RUNS, hostf):
             fam, target = registry.get(name), _target(mcpu)
             if fam.cost(op, target) is None:
                 continue
             timer, exact, nbytes = _kernel_timer(fam, op, target, rng)
             timers[(name, wb, ab)] = timer
             meta[(name, wb, ab)] = (op, exact, nbytes, mcpu)
+            if name.endswith("-lut"):  # per op: the primitive depends on the unit kind and table
+                timers[("prim", name, wb, ab)] = _lut_prim_timer(name, op)
     for name in {key[0] for key in timers}:
         if name in PRIM_MODE:
             timers[("prim", name)] = _prim_timer(*PRIM_MODE[name])
@@ -281,16 +318,23 @@ def gemv_section(rounds: int, log=print, pairs=((2, 8), (4, 8), (1, 8), (8, 8)),
         name, wb, ab = key
         op, exact, nbytes, _ = meta[key]
         gops = 2 * op.macs / t / 1e9
-        prim = med.get(("prim", name))
-        frac = 100 * prim * op.macs / t if prim else float("nan")  # prim: s per MAC
+        if name.endswith("-lut"):  # prim: s per byte lookup
+            prim = med.get(("prim", name, wb, ab))
+            frac = 100 * prim * _lut_lookups(op) / t if prim else float("nan")
+        else:  # prim: s per MAC
+            prim = med.get(("prim", name))
+            frac = 100 * prim * op.macs / t if prim else float("nan")
         row = {"w": wb, "a": ab, "family": name, "us": t * 1e6, "gops": gops, "weight_mb": nbytes / 1e6,
                "gbps": nbytes / t / 1e9, "pct_prim": frac, "x_int8": t / base if base else float("nan"),
                "x_ort": t / ort if ort else float("nan"), "exact": exact}
         rows.append(row)
         log(f"{wb},{ab:<3} {name:20} {row['us']:8.1f} {gops:7.1f} {row['weight_mb']:6.2f} {row['gbps']:6.1f} "
             f"{frac:5.0f}% {row['x_int8']:7.2f} {row['x_ort']:6.2f} {exact}")
-    for name in sorted({key[1] for key in med if key[0] == "prim"}):
+    for name in sorted({key[1] for key in med if key[0] == "prim" and len(key) == 2}):
         log(f"  primitive {PRIM_MODE[name][0]} (load + AND + dot, L1): {2 / med[('prim', name)] / 1e9:.0f} GOP/s")
+    for key in sorted(k for k in med if k[0] == "prim" and len(k) == 4):
+        log(f"  primitive {key[1]} w{key[2]}a{key[3]} (nibbles + lookups + 16-bit sums, L1): "
+            f"{1 / med[key] / 1e9:.0f} G lookups/s")
     return rows
 
 

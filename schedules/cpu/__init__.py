@@ -1,7 +1,9 @@
 """CPU kernel families: int8-class dot products (AVX2 ``vpmaddubsw`` / AVX-512 VNNI
 ``vpdpbusd`` / NEON ``sdot``), the same dot products on weights packed at their real
 width (1-4 bits, expanded in registers: :mod:`.lowbit`), bit-serial AND + popcount
-kernels, and depthwise convolutions (:mod:`.depthwise`).
+kernels, lookup-table matmuls (1-4-bit weight planes indexing tables of activation
+partial sums with ``vpshufb`` / NEON ``tbl``: :mod:`.lut`) and depthwise
+convolutions (:mod:`.depthwise`).
 
 Importing registers them with :mod:`soniq_tvm.schedules.registry` (after the
 reference families, whichever module is imported first); each family's ``cost``
@@ -15,7 +17,8 @@ from .bitserial import BITSERIAL
 from .depthwise import DEPTHWISE
 from .int8dot import AVX2_DOT, AVX512_VNNI_DOT, NEON_SDOT
 from .lowbit import AVX2_LOWBIT, AVX512_LOWBIT, AVXVNNI_LOWBIT
+from .lut import AVX2_LUT, AVX512_LUT, NEON_LUT
 
 for _family in (AVX2_DOT, AVX512_VNNI_DOT, NEON_SDOT, BITSERIAL, AVX512_LOWBIT, AVXVNNI_LOWBIT, AVX2_LOWBIT,
-                DEPTHWISE):
+                AVX512_LUT, AVX2_LUT, NEON_LUT, DEPTHWISE):
     register(_family)
