@@ -1,57 +1,170 @@
 """TVMScript of the int8-dot kernels (see :mod:`.int8dot` for the design).
 
 Kept apart because TVMScript must be parsed from a source file, and so that the
-kernel reads top to bottom: activation re-layout, then the tiled micro-kernel.
+kernel reads top to bottom: activation re-layout, then the tiled micro-kernel,
+then the write-back.
 Accumulators live in small ``global``-scope buffers: TVM puts those on the stack
-(< 1 KiB) where LLVM promotes them to registers; ``local`` scope would go
-through ``TVMBackendAllocWorkspace`` and stay in memory.
+(< 1 KiB each) where LLVM promotes them to registers; ``local`` scope would go
+through ``TVMBackendAllocWorkspace`` and stay in memory. The tile's accumulators
+are split in two such buffers (pixels ``0 .. RA`` and ``RA .. R``) so that a tile
+may use most of the register file. Every small buffer is scalar-typed and read and
+written a vector row at a time (``_isa.row``): TVM's storage rewrite may give a
+dead buffer's memory to a later one, and when a vector-typed buffer (``int32x16``)
+is merged with a scalar one the rewritten stores fail its lane check.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from tvm.script import tirx as T
 
+from soniq_tvm import tvm_shim as tv
+
 from . import _isa
+
+tirx = tv.tirx
+
+
+def split_tile(r: int) -> tuple[int, int]:
+    """Pixels of the two accumulator buffers of an ``r``-pixel tile."""
+    ra = (r + 1) // 2
+    return ra, r - ra
+
+
+def subsampled(g) -> bool:
+    """A strided 1x1 conv reads one input pixel per output pixel: the re-layout
+    gathers just those (``xs`` is ``OH x OW``) and the micro-kernel runs at stride 1."""
+    return (not g.matmul and g.kh == 1 and g.kw == 1 and g.strides != (1, 1)
+            and tuple(g.padding) == (0, 0, 0, 0))
+
+
+def rows_per_task(oh: int, ow: int, vl: int, base_tasks: int, min_tasks: int = 8) -> int:
+    """Output rows per parallel task: the fewest (a divisor of ``oh``) whose
+    pixels fill a vector (the write-back transposes whole vectors), unless that
+    leaves fewer than ``min_tasks`` tasks for the threads."""
+    divs = [d for d in range(1, oh + 1) if oh % d == 0]
+    rpt = next((d for d in divs if d * ow >= vl), oh)
+    while base_tasks * (oh // rpt) < min_tasks and rpt > 1:
+        rpt = max(d for d in divs if d < rpt)
+    return rpt
+
+
+def clamp_start(i, width: int, extent: int):
+    """Start of block ``i`` of ``width`` in ``[0, extent)``; the last block is moved
+    back to end at ``extent`` (it overlaps its neighbour and rewrites the same
+    values)."""
+    if isinstance(i, int):
+        return min(i * width, extent - width)
+    return tirx.min(i * width, extent - width)
 
 
 def build(op, g, mode, lay, knobs, dot, off):
     R, J = knobs["R"], knobs["J"]
+    RA, RB = split_tile(R)
     VL, KV = mode.vl, mode.kv
+    HV = VL // 2
     AD, WD = mode.a_dtype, mode.w_dtype
     CB, CGP, TC, OB, OGP = lay["cb"], lay["cgp"], lay["tc"], lay["ob"], lay["ogp"]
     NCH = CB // TC
     SUM16 = mode.name == "avx2-sum16"
     par_loop = _isa.parallel_loop(op)
-    if R * J * VL * 4 >= 1024:
-        raise ValueError(f"tile R={R} J={J} needs {R * J * VL * 4} bytes of accumulators (< 1024 stay in registers)")
+    if RA * J * VL * 4 >= 1024:
+        raise ValueError(f"tile R={R} J={J} needs {RA * J * VL * 4} bytes per accumulator buffer (< 1024 stay "
+                         "in registers)")
     N, C, H, W, O = g.n, g.c, g.h, g.w, g.o
     G, CG, OG, KH, KW, OH, OW = g.groups, g.cg, g.og, g.kh, g.kw, g.oh, g.ow
     (SH, SW), (DH, DW) = g.strides, g.dilation
     PT, PL, PB, PR = g.padding
-    HP, WP = H + PT + PB, W + PL + PR
+    SUB = subsampled(g)
+    if SUB:  # xs holds only the pixels the 1x1 conv reads
+        HP, WP, XW, PT, PL, SY, SX = OH, OW, OW, 0, 0, SH, SW
+        SH = SW = 1
+    else:
+        HP, WP, XW, SY, SX = H + PT + PB, W + PL + PR, W, 1, 1
     CT = G * CGP
+    CTW = CT // KV        # 32-bit words per xs pixel
+    ABITS = 32 // KV
+    OFFW = _isa.replicate_word(off, ABITS)
     OBT = OB // J
     OXT = math.ceil(OW / R)
-    NT = N * G * OH * OBT
-    PAR_OX = NT < 8 and OXT > 1
+    RPT = rows_per_task(OH, OW, VL, N * G * OBT)
+    NRG = OH // RPT
+    NT = N * G * OBT * NRG
+    PAR_OX = NT < 8 and OXT > 1  # then one tile per task, written back directly
+    if PAR_OX:
+        RPT, NRG, NT = 1, OH, N * G * OBT * OH
     NPAR = NT * (OXT if PAR_OX else 1)
     NSEQ = 1 if PAR_OX else OXT
+    SPAN = RPT * OW  # output pixels of one task (contiguous in each NCHW plane)
     XD = op.a_dtype
     RELAYOUT = not (g.matmul and off == 0 and AD == XD and CGP == C)
     CHECK_O = OGP != OG
     VEC_OUT = g.matmul and not CHECK_O
+    ROWBUF = not g.matmul and not PAR_OX   # whole output rows, written back by transposes
     ABC = f"{AD}x{VL * KV}"   # broadcast activation operand
     AW = f"{AD}x{KV}"         # one 32-bit word of activations
     WV = f"{WD}x{VL * KV}"
-    AV = f"int32x{VL}"
     M = OW
+    par_relayout = _isa.parallel_pass(op, (M * CT if g.matmul else N * HP * WP * CT) * np.dtype(AD).itemsize)
     x_shape = tuple(op.x_shape)
     out_shape = tuple(op.out_shape)
-    wp_shape = (G, OB, KH, KW, CB, VL * KV)
+    wp_shape = (G, OB // J, KH, KW, CB, J, VL * KV)  # a tile's J weight vectors are adjacent
+    transpose = _isa.transposer(VL)
+    # re-layout vectors: XL pixels of one word each; TL x TL blocks transposed when
+    # a group has at least 8 words per pixel (8 or 16: with 4-lane blocks TVM's
+    # CompactBufferAllocation fails, "Divide by zero" in its region bound)
+    XL = min(VL, 1 << (XW.bit_length() - 1))
+    TL = min(XL, 1 << (CB.bit_length() - 1))
+    TL = TL if TL >= 8 else 0
+    relayout_transpose = _isa.transposer(TL) if TL else None
+    UA = f"uint{ABITS}"
+    CH_PAD = CB * KV != CG  # some words hold padding channels
 
     def xs_word(xs, n, yy, xx, c):
         return _isa.bcast_word(xs.vload([n, yy, xx, c], AW), VL, ABC)
+
+    def words(x, n, sy, sx, gg, q, lanes):
+        """The 32-bit words of channels ``gg*CG + q*KV ..`` (shifted by ``off``, one
+        operand element each) at ``lanes`` input pixels ``sx, sx + SX, ...``."""
+        w = None
+        i32 = "int32" if lanes == 1 else f"int32x{lanes}"
+        for i in range(KV):
+            ch = gg * CG + q * KV + i
+            if CH_PAD:  # padding channels read the group's last one, then hold `off`
+                ch = gg * CG + tirx.min(q * KV + i, CG - 1)
+            v = _isa.strided_load(x, [n, ch, sy, sx], XD, lanes, SX)
+            e = tirx.Cast(AD if lanes == 1 else f"{AD}x{lanes}", tirx.Cast(i32, v) + off)
+            if CH_PAD:
+                pad = tirx.const(off, AD) if lanes == 1 else tirx.Broadcast(tirx.const(off, AD), lanes)
+                e = tirx.Select(q * KV + i < CG, e, pad)
+            u = tirx.Cast("uint32" if lanes == 1 else f"uint32x{lanes}",
+                          tirx.reinterpret(UA if lanes == 1 else f"{UA}x{lanes}", e))
+            if i:
+                u = tirx.shift_left(u, tirx.const(i * ABITS, "uint32") if lanes == 1
+                                    else tirx.Broadcast(tirx.const(i * ABITS, "uint32"), lanes))
+            w = u if w is None else tirx.bitwise_or(w, u)
+        return tirx.reinterpret(i32, w)
+
+    @T.macro
+    def steps(acc, LN, xs, wp, i0, rn, n, oy, ox0, gi, obt, r, s, cb, dot_mode):
+        for i in T.unroll(rn):
+            a: T.let = xs_word(xs, n, oy * SH + r * DH, (ox0 + i0 + i) * SW + s * DW, gi * CGP + cb * KV)
+            for j in T.unroll(J):
+                acc[T.ramp((i * J + j) * LN, 1, LN)] = dot(dot_mode, _isa.row(acc, i * J + j, LN), a,
+                                                           wp.vload([gi, obt, r, s, cb, j, 0], WV))
+
+    @T.macro
+    def widen(acc, acc16, rn):
+        for u in T.unroll(rn * J):
+            acc[T.ramp(u * VL, 1, VL)] = _isa.row(acc, u, VL) + _isa.pmaddwd(_isa.row(acc16, u, 16), _isa.ones16())
+
+    @T.macro
+    def finish(dst, acc, corr, i0, rn, row0, col0, gi, obt):
+        for i in T.unroll(rn):
+            for j in T.unroll(J):
+                dst[row0 + i0 + i, T.ramp(col0 + j * VL, 1, VL)] = (
+                    _isa.row(acc, i * J + j, VL) - corr[gi, T.ramp((obt * J + j) * VL, 1, VL)])
 
     @T.prim_func
     def main(x: T.Buffer(x_shape, XD), wp: T.Buffer(wp_shape, WD), corr: T.Buffer((G, OGP), "int32"),
@@ -62,69 +175,103 @@ def build(op, g, mode, lay, knobs, dot, off):
             xs = T.alloc_buffer((N, HP, WP, CT), AD)
             if g.matmul:
                 xm = T.decl_buffer((M, C), XD, data=x.data)
-                for p in par_loop(M):
+                for p in par_relayout(M):
                     for c in range(CT):
                         xs[0, 0, p, c] = T.Cast(AD, off)
                     for c in range(C):
                         xs[0, 0, p, c] = T.Cast(AD, T.Cast("int32", xm[p, c]) + off)
             else:
-                for p in par_loop(N * HP):
-                    for xx, c in T.grid(WP, CT):
-                        xs[p // HP, p % HP, xx, c] = T.Cast(AD, off)
-                    if PT <= p % HP and p % HP < PT + H:
-                        for gg, cl, xw in T.grid(G, CG, W):
-                            xs[p // HP, p % HP, PL + xw, gg * CGP + cl] = T.Cast(
-                                AD, T.Cast("int32", x[p // HP, gg * CG + cl, p % HP - PT, xw]) + off)
+                # one 32-bit word = KV channels of a pixel; built VL pixels at a time
+                # from KV channel planes, then VL x VL blocks of words transposed to
+                # channels-last (one vector store per pixel)
+                xw = T.decl_buffer((N * HP * WP * CTW,), "int32", data=xs.data)
+                for p in par_relayout(N * HP):
+                    n: T.let = p // HP
+                    sy: T.let = (p % HP - PT) * SY
+                    row: T.let = p * WP * CTW
+                    if sy < 0 or sy >= H:
+                        for u in range(WP * CTW):
+                            xw[row + u] = OFFW
+                    else:
+                        for u in range(PL * CTW):
+                            xw[row + u] = OFFW
+                        for u in range((WP - PL - XW) * CTW):
+                            xw[row + (PL + XW) * CTW + u] = OFFW
+                        if TL > 0:  # TL x TL blocks of words, transposed
+                            for gg, qb, xb in T.grid(G, (CB + TL - 1) // TL, (XW + TL - 1) // TL):
+                                q0: T.let = clamp_start(qb, TL, CB)
+                                x0: T.let = clamp_start(xb, TL, XW)
+                                t0 = T.alloc_buffer((TL * TL // 2,), "int32")
+                                t1 = T.alloc_buffer((TL * TL // 2,), "int32")
+                                t2 = T.alloc_buffer((TL * TL // 2,), "int32")
+                                t3 = T.alloc_buffer((TL * TL // 2,), "int32")
+                                for k in T.unroll(TL // 2):
+                                    t0[T.ramp(k * TL, 1, TL)] = words(x, n, sy, x0 * SX, gg, q0 + k, TL)
+                                    t1[T.ramp(k * TL, 1, TL)] = words(x, n, sy, x0 * SX, gg, q0 + TL // 2 + k, TL)
+                                relayout_transpose(t0, t1, t2, t3)
+                                for k in T.unroll(TL // 2):
+                                    xw[T.ramp(row + (PL + x0 + k) * CTW + gg * CB + q0, 1, TL)] = _isa.row(t0, k, TL)
+                                    xw[T.ramp(row + (PL + x0 + TL // 2 + k) * CTW + gg * CB + q0, 1, TL)] = _isa.row(
+                                        t1, k, TL)
+                        elif XL > 1:  # few words per pixel: store each word vector strided
+                            for gg, q, xb in T.grid(G, CB, (XW + XL - 1) // XL):
+                                x0: T.let = clamp_start(xb, XL, XW)
+                                xw[T.ramp(row + (PL + x0) * CTW + gg * CB + q, CTW, XL)] = words(
+                                    x, n, sy, x0 * SX, gg, q, XL)
+                        else:
+                            for gg, q, xx in T.grid(G, CB, XW):
+                                xw[row + (PL + xx) * CTW + gg * CB + q] = words(x, n, sy, xx * SX, gg, q, 1)
         else:
             xs = T.decl_buffer((1, 1, M, C), XD, data=x.data)
         # ---- tiled micro-kernel ---------------------------------------------------------
+        # tasks (n, group, channel-block tile, row group), rows innermost: a thread's
+        # consecutive tasks reuse one weight slice from its L2
         for p in par_loop(NPAR):
-            for t in range(NSEQ):
-                q: T.let = p // OXT if PAR_OX else p
+            # the finished tiles, channels last: the task's rows (ROWBUF) or one tile
+            rowbuf = T.alloc_buffer((max(SPAN, VL) if ROWBUF else R, J * VL), "int32")
+            for yy, t in T.grid(RPT, NSEQ):
+                q: T.let = p // OXT if PAR_OX else p // NRG
                 oxt: T.let = p % OXT if PAR_OX else t
-                obt: T.let = q % OBT
-                oy: T.let = (q // OBT) % OH
-                gi: T.let = (q // (OBT * OH)) % G
-                n: T.let = q // (OBT * OH * G)
+                oy: T.let = q % OH if PAR_OX else (p % NRG) * RPT + yy
+                obt: T.let = (q // OH) % OBT if PAR_OX else q % OBT
+                gi: T.let = (q // (OBT * OH)) % G if PAR_OX else (q // OBT) % G
+                n: T.let = q // (OBT * OH * G) if PAR_OX else q // (OBT * G)
                 ox0: T.let = T.min(oxt * R, OW - R)
-                acc = T.alloc_buffer((R * J,), AV)
-                for u in T.unroll(R * J):
-                    acc[u] = _isa.zeros("int32", VL)
+                acc0 = T.alloc_buffer((RA * J * VL,), "int32")
+                acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
+                for u in T.unroll(RA * J):
+                    acc0[T.ramp(u * VL, 1, VL)] = _isa.zeros("int32", VL)
+                for u in T.unroll(RB * J):
+                    acc1[T.ramp(u * VL, 1, VL)] = _isa.zeros("int32", VL)
                 for r, s, ch in T.grid(KH, KW, NCH):
                     if SUM16:
-                        acc16 = T.alloc_buffer((R * J,), "int16x16")
-                        for u in T.unroll(R * J):
-                            acc16[u] = _isa.zeros("int16", 16)
+                        a16 = T.alloc_buffer((RA * J * 16,), "int16")
+                        b16 = T.alloc_buffer((max(RB, 1) * J * 16,), "int16")
+                        for u in T.unroll(RA * J):
+                            a16[T.ramp(u * 16, 1, 16)] = _isa.zeros("int16", 16)
+                        for u in T.unroll(RB * J):
+                            b16[T.ramp(u * 16, 1, 16)] = _isa.zeros("int16", 16)
                         for cc in range(TC):
-                            for i in T.unroll(R):
-                                a16: T.let = xs_word(xs, n, oy * SH + r * DH, (ox0 + i) * SW + s * DW,
-                                                     gi * CGP + (ch * TC + cc) * KV)
-                                for j in T.unroll(J):
-                                    acc16[i * J + j] = dot(mode, acc16[i * J + j], a16,
-                                                           wp.vload([gi, obt * J + j, r, s, ch * TC + cc, 0], WV))
-                        for u in T.unroll(R * J):
-                            acc[u] = acc[u] + _isa.pmaddwd(acc16[u], _isa.ones16())
+                            steps(a16, 16, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
+                            steps(b16, 16, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
+                        widen(acc0, a16, RA)
+                        widen(acc1, b16, RB)
                     else:
                         for cc in range(TC):
-                            for i in T.unroll(R):
-                                a: T.let = xs_word(xs, n, oy * SH + r * DH, (ox0 + i) * SW + s * DW,
-                                                   gi * CGP + (ch * TC + cc) * KV)
-                                for j in T.unroll(J):
-                                    acc[i * J + j] = dot(mode, acc[i * J + j], a,
-                                                         wp.vload([gi, obt * J + j, r, s, ch * TC + cc, 0], WV))
+                            steps(acc0, VL, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
+                            steps(acc1, VL, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
                 # ---- epilogue: subtract the offset correction, write back ---------------
-                if VEC_OUT:
+                if ROWBUF:
+                    finish(rowbuf, acc0, corr, 0, RA, yy * OW + ox0, 0, gi, obt)
+                    finish(rowbuf, acc1, corr, RA, RB, yy * OW + ox0, 0, gi, obt)
+                elif VEC_OUT:
                     om = T.decl_buffer((M, O), "int32", data=out.data)
-                    for i in T.unroll(R):
-                        for j in T.unroll(J):
-                            om[ox0 + i, T.ramp((obt * J + j) * VL, 1, VL)] = (
-                                acc[i * J + j] - corr[0, T.ramp((obt * J + j) * VL, 1, VL)])
+                    finish(om, acc0, corr, 0, RA, ox0, obt * J * VL, gi, obt)
+                    finish(om, acc1, corr, RA, RB, ox0, obt * J * VL, gi, obt)
                 else:
-                    tmp = T.alloc_buffer((R, J * VL), "int32")
-                    for i in T.unroll(R):
-                        for j in T.unroll(J):
-                            tmp[i, T.ramp(j * VL, 1, VL)] = (
-                                acc[i * J + j] - corr[gi, T.ramp((obt * J + j) * VL, 1, VL)])
+                    tmp = T.decl_buffer((R, J * VL), "int32", data=rowbuf.data)
+                    finish(tmp, acc0, corr, 0, RA, 0, 0, gi, obt)
+                    finish(tmp, acc1, corr, RA, RB, 0, 0, gi, obt)
                     if g.matmul:
                         om2 = T.decl_buffer((M, O), "int32", data=out.data)
                         for i, lane in T.grid(R, J * VL):
@@ -134,5 +281,33 @@ def build(op, g, mode, lay, knobs, dot, off):
                         for lane, i in T.grid(J * VL, R):
                             if obt * J * VL + lane < OG:
                                 out[n, gi * OG + obt * J * VL + lane, oy, ox0 + i] = tmp[i, lane]
+            # ---- the finished output row, channels-last -> NCHW: VL x VL transposes ----
+            if ROWBUF:
+                outp = T.decl_buffer((N, O, OH * OW), "int32", data=out.data)
+                p0: T.let = (p % NRG) * SPAN
+                bo: T.let = (p // NRG) % OBT
+                bg: T.let = (p // (NRG * OBT)) % G
+                bn: T.let = p // (NRG * OBT * G)
+                if SPAN >= VL:
+                    for xb, j in T.grid((SPAN + VL - 1) // VL, J):
+                        x0: T.let = clamp_start(xb, VL, SPAN)
+                        t0 = T.alloc_buffer((HV * VL,), "int32")
+                        t1 = T.alloc_buffer((HV * VL,), "int32")
+                        t2 = T.alloc_buffer((HV * VL,), "int32")
+                        t3 = T.alloc_buffer((HV * VL,), "int32")
+                        for k in T.unroll(HV):
+                            t0[T.ramp(k * VL, 1, VL)] = rowbuf[x0 + k, T.ramp(j * VL, 1, VL)]
+                            t1[T.ramp(k * VL, 1, VL)] = rowbuf[x0 + HV + k, T.ramp(j * VL, 1, VL)]
+                        transpose(t0, t1, t2, t3)
+                        for k in T.unroll(HV):
+                            if not CHECK_O or (bo * J + j) * VL + k < OG:
+                                outp[bn, bg * OG + (bo * J + j) * VL + k, T.ramp(p0 + x0, 1, VL)] = _isa.row(t0, k, VL)
+                            if not CHECK_O or (bo * J + j) * VL + HV + k < OG:
+                                outp[bn, bg * OG + (bo * J + j) * VL + HV + k, T.ramp(p0 + x0, 1, VL)] = _isa.row(
+                                    t1, k, VL)
+                else:
+                    for lane, xx in T.grid(J * VL, SPAN):
+                        if bo * J * VL + lane < OG:
+                            outp[bn, bg * OG + bo * J * VL + lane, p0 + xx] = rowbuf[xx, lane]
 
     return main

@@ -15,7 +15,8 @@ import functools
 from soniq_tvm import tvm_shim as tv
 
 __all__ = ["features", "is_x86", "is_aarch64", "host_features", "bcast_word", "pmaddubsw", "pmaddwd", "adds16",
-           "vpdpbusd512", "sdot", "ones16", "zeros"]
+           "vpdpbusd512", "sdot", "ones16", "zeros", "strided_load", "replicate_word", "transposer", "row",
+           "parallel_loop", "parallel_pass"]
 
 tirx = tv.tirx
 
@@ -108,6 +109,93 @@ def sdot(acc_i32x4, a_i8x16, w_i8x16):
     return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc_i32x4, a_i8x16, w_i8x16)
 
 
+def strided_load(buf, index: list, dtype: str, lanes: int, stride: int):
+    """``lanes`` elements of ``buf`` starting at ``index`` (last axis), ``stride``
+    apart: one contiguous load of the span and a constant shuffle (TVM would
+    scalarize a strided ramp). The span ends at the last element read."""
+    if stride == 1 or lanes == 1:
+        return buf.vload(index, f"{dtype}x{lanes}" if lanes > 1 else dtype)
+    span = buf.vload(index, f"{dtype}x{(lanes - 1) * stride + 1}")
+    return tirx.Shuffle([span], [k * stride for k in range(lanes)])
+
+
+def replicate_word(value: int, bits: int) -> int:
+    """The int32 whose ``32 / bits`` fields all hold ``value`` (two's complement)."""
+    u = value & ((1 << bits) - 1)
+    w = sum(u << (bits * i) for i in range(32 // bits))
+    return w - (1 << 32) if w >= 1 << 31 else w
+
+
+def _half_swap(lo, hi, b: int, lanes: int, upper: bool):
+    """One half of a transpose stage: ``lo``/``hi`` are rows ``k`` and ``k + b``;
+    the row with bit ``b`` clear takes the ``b``-blocks of both with that bit
+    clear, the other row those with it set."""
+    if upper:
+        idx = [j + b if not j & b else lanes + j for j in range(lanes)]
+    else:
+        idx = [j if not j & b else lanes + j - b for j in range(lanes)]
+    return tirx.Shuffle([lo, hi], idx)
+
+
+def transposer(lanes: int):
+    """A TVMScript macro ``transpose(a0, a1, b0, b1)`` that transposes the
+    ``lanes x lanes`` int32 matrix held in ``a0`` (rows ``0 .. lanes/2``) and ``a1``
+    (the other half), each an int32 buffer of ``lanes/2`` rows of ``lanes``
+    (:func:`row`), in place; ``b0``/``b1`` are scratch of the same shape.
+    log2(lanes) stages of two-source shuffles that swap ever larger blocks (LLVM:
+    unpack/permute/shuffle-lane instructions, about 3 per row for 16 lanes). Half
+    buffers because TVM keeps an allocation on the stack (and so in registers) only
+    below 1 KiB; scalar-typed ones because TVM's storage rewrite may merge a
+    vector-typed allocation into another and then fails on its stores."""
+    from tvm.script import tirx as T
+
+    assert lanes in (4, 8, 16), lanes
+    half = lanes // 2
+
+    def pair(src, k, b):
+        # rows k & ~b and k | b, in div/mod form: TVM's simplifier folds those on
+        # the unrolled constant k, not bitwise ops (left as lets, they would make
+        # the indices dynamic and the rows stack memory)
+        bit = tirx.floormod(tirx.floordiv(k, b), 2)
+        lo = row(src, k - bit * b, lanes)
+        hi = row(src, k - bit * b + b, lanes)
+        return tirx.Select(bit == 0, _half_swap(lo, hi, b, lanes, False), _half_swap(lo, hi, b, lanes, True))
+
+    @T.macro
+    def stage(s0, s1, d0, d1, b):
+        for k in T.unroll(half):
+            if b < half:
+                d0[T.ramp(k * lanes, 1, lanes)] = pair(s0, k, b)
+                d1[T.ramp(k * lanes, 1, lanes)] = pair(s1, k, b)
+            else:
+                d0[T.ramp(k * lanes, 1, lanes)] = _half_swap(row(s0, k, lanes), row(s1, k, lanes), b, lanes, False)
+                d1[T.ramp(k * lanes, 1, lanes)] = _half_swap(row(s0, k, lanes), row(s1, k, lanes), b, lanes, True)
+
+    @T.macro
+    def copy(s0, s1, d0, d1):
+        for k in T.unroll(half):
+            d0[T.ramp(k * lanes, 1, lanes)] = row(s0, k, lanes)
+            d1[T.ramp(k * lanes, 1, lanes)] = row(s1, k, lanes)
+
+    @T.macro
+    def transpose(a0, a1, b0, b1):
+        stage(a0, a1, b0, b1, 1)
+        stage(b0, b1, a0, a1, 2)
+        if lanes >= 8:
+            stage(a0, a1, b0, b1, 4)
+        if lanes >= 16:
+            stage(b0, b1, a0, a1, 8)
+        if lanes == 8:
+            copy(b0, b1, a0, a1)
+
+    return transpose
+
+
+def row(buf, k, lanes: int):
+    """Row ``k`` (``lanes`` int32) of a transposer buffer."""
+    return tirx.BufferLoad(buf, [tirx.Ramp(k * lanes, 1, lanes)])
+
+
 MIN_PARALLEL_MACS = 1 << 18  # below this, waking the thread pool costs more than the work
 
 
@@ -117,3 +205,16 @@ def parallel_loop(op):
     from tvm.script import tirx as T
 
     return T.parallel if op.macs >= MIN_PARALLEL_MACS else T.serial
+
+
+MIN_PARALLEL_BYTES = 1 << 16  # a data pass (re-layout) below this runs serially
+
+
+def parallel_pass(op, nbytes: int):
+    """The loop kind of a side pass over ``nbytes`` (an activation re-layout):
+    serial when small. Each parallel loop is one launch of TVM's pool: about a
+    microsecond while its workers spin, tens of microseconds once they sleep (the
+    first kernel after serial glue), which is the whole time of a GEMV's re-layout."""
+    from tvm.script import tirx as T
+
+    return T.parallel if op.macs >= MIN_PARALLEL_MACS and nbytes >= MIN_PARALLEL_BYTES else T.serial

@@ -63,6 +63,7 @@ def build(op, g, mode, lay, knobs, flds, sz, off):
     PSUM = Z != 0
     CHECK_O = OGP != OG
     VEC_OUT = g.matmul and not CHECK_O
+    par_relayout = _isa.parallel_pass(op, N * HP * WP * CT)
     WV = f"uint8x{NB}"
     AB = f"int8x{NB}"
     AV = f"int32x{VL}"
@@ -95,13 +96,13 @@ def build(op, g, mode, lay, knobs, flds, sz, off):
             xs = T.alloc_buffer((N, HP, WP, CT), "int8")
             if g.matmul:
                 xm = T.decl_buffer((M, C), XD, data=x.data)
-                for p in par_loop(M):
+                for p in par_relayout(M):
                     for c in range(CT):
                         xs[0, 0, p, c] = T.int8(0)
                     for c in range(C):
                         xs[0, 0, p, c] = T.Cast("int8", T.Cast("int32", xm[p, c]) + off)
             else:
-                for p in par_loop(N * HP):
+                for p in par_relayout(N * HP):
                     for xx, gg, cl in T.grid(WP, G, CGP):
                         xs[p // HP, p % HP, xx, gg * CGP + cl] = T.Cast("int8", T.if_then_else(cl < CG, off, 0))
                     if PT <= p % HP and p % HP < PT + H:
@@ -113,7 +114,7 @@ def build(op, g, mode, lay, knobs, flds, sz, off):
         # ---- per-pixel channel sums of the operand (the z * sum(xs) term) ---------------
         psum = T.alloc_buffer((N, HP, WP, G), "int32")
         if PSUM:
-            for p in par_loop(N * HP):
+            for p in par_relayout(N * HP):
                 for xx, gg in T.grid(WP, G):
                     psum[p // HP, p % HP, xx, gg] = 0
                     for cl in range(CGP if RELAYOUT else C):

@@ -9,20 +9,35 @@ micro-kernel:
   ``xs[N, Hp, Wp, G * Cgp]``: zero-padded spatially, channels last, each group's
   ``Cg`` channels padded to ``Cgp`` (a multiple of ``kv``, the reduction width of one
   instruction lane) and shifted into the instruction's operand domain,
-  ``xs = x + off`` (see *Exactness*). A matmul with unsigned activations that
-  already fit the operand reads ``x`` in place.
+  ``xs = x + off`` (see *Exactness*). One 32-bit word holds the ``kv`` channels of
+  a pixel; the words of 16 (8) pixels are built from ``kv`` channel-plane loads,
+  and blocks of 16 x 16 (8 x 8) words are transposed in registers so that each
+  pixel is one vector store (narrow images and few channels: strided word
+  stores). Only the padding border is filled. A strided 1x1 conv without padding
+  gathers just the pixels it reads (``xs`` is ``OH x OW``; the downsample convs of
+  a ResNet read a quarter of their input) and runs at stride 1. A matmul with
+  unsigned activations that already fit the operand reads ``x`` in place.
 * **Weights** are packed at compile time into
-  ``wp[G, Ob, KH, KW, Cb, VL * kv]``: for output-channel block ``ob`` (``VL``
+  ``wp[G, Ob/J, KH, KW, Cb, J, VL * kv]``: for output-channel block ``ob`` (``VL``
   channels, one accumulator vector) and reduction step ``cb`` the ``VL x kv``
-  weights are one vector load. Padded channels hold 0.
+  weights are one vector load, and the ``J`` of one tile are adjacent (one
+  sequential stream per task). Padded channels hold 0.
 * **Micro-kernel**: a tile of ``R`` output pixels (``ox``, or matmul rows) times
-  ``J`` channel blocks keeps ``R * J`` accumulators in registers; per reduction step
-  it broadcasts ``kv`` activations of each pixel (one 32-bit word) and multiplies
-  them against ``J`` weight vectors. Tiles along ``ox`` overlap at the end of a
-  row instead of having a scalar tail (the overlap recomputes identical values).
-  The output tile goes back to NCHW (or ``[M, N]``) through a small stack buffer.
-* **Parallel** over (n, group, output row, channel-block tile), plus pixel tiles
-  when that is too few for the cores.
+  ``J`` channel blocks keeps ``R * J`` accumulators in registers (two buffers of
+  pixels, each under TVM's 1 KiB stack limit); per reduction step it broadcasts
+  ``kv`` activations of each pixel (one 32-bit word) and multiplies them against
+  ``J`` weight vectors. Tiles along ``ox`` overlap at the end of a row instead of
+  having a scalar tail (the overlap recomputes identical values).
+* **Write-back**: a conv task computes whole output rows (enough of them to fill
+  a vector when the image is narrow) into a channels-last row buffer, then writes
+  NCHW with ``VL x VL`` register transposes, one vector store per channel and 16
+  (8, 4) pixels (a scalar tail only when the task's plane span is below a vector).
+  Matmul tiles are channels-last already: vector stores.
+* **Parallel** over (n, group, channel-block tile, row group), rows innermost so
+  that consecutive tasks of a thread reuse one weight slice from its L2; one tile
+  per task when that gives too few tasks. Re-layouts of less than 64 KiB run
+  serially (a GEMV's is a few KiB: a parallel launch costs more, and tens of
+  microseconds when the pool's workers sleep).
 
 **Exactness.** ``out = sum xs * w - off * sum(w)``; the second term is a per
 output channel constant ``corr`` computed at pack time (padding pixels hold ``off``
@@ -149,9 +164,24 @@ def sum16_limit(op: QOp) -> int:
 
 
 def _tile_fits(r: int, j: int, mode: Mode) -> bool:
-    """The accumulator tile must stay below TVM's 1 KiB stack-allocation limit
-    (bigger buffers go to the heap workspace and never reach registers)."""
-    return r * j * mode.vl * 4 < 1024
+    """Each of the tile's two accumulator buffers (pixels split in halves) must
+    stay below TVM's 1 KiB stack-allocation limit (bigger buffers go to the heap
+    workspace and never reach registers)."""
+    return (r + 1) // 2 * j * mode.vl * 4 < 1024
+
+
+def relayout_cost(op: QOp, cgp: int) -> float:
+    """Cost units of the activation re-layout: the bytes of ``xs`` it writes at 8
+    per unit (vector words and transposes; a strided 1x1 conv gathers only the
+    pixels it reads)."""
+    g = Geometry.of(op)
+    if g.matmul:
+        return g.ow * g.groups * cgp / 8.0
+    if g.kh == g.kw == 1 and tuple(g.padding) == (0, 0, 0, 0):
+        h, w = g.oh, g.ow
+    else:
+        h, w = g.h + g.padding[0] + g.padding[2], g.w + g.padding[1] + g.padding[3]
+    return g.n * h * w * g.groups * cgp / 8.0
 
 
 def _divisors(n: int) -> list[int]:
@@ -167,7 +197,7 @@ class Int8DotFamily:
     """
 
     def __init__(self, name: str, isa: str, need: Sequence[str], modes: Sequence[str], macs_per_cycle: dict,
-                 regs: int, stream_bytes: float):
+                 regs: int, stream_bytes: float, writeback: float = 1.0):
         self.name = name
         self.isa = isa
         self.need = tuple(need)
@@ -175,6 +205,7 @@ class Int8DotFamily:
         self.macs_per_cycle = dict(macs_per_cycle)
         self.regs = regs
         self.stream_bytes = stream_bytes
+        self.writeback = writeback
 
     # ---- applicability --------------------------------------------------------
     def _target_ok(self, target) -> bool:
@@ -224,8 +255,7 @@ class Int8DotFamily:
         cycles = padded / self.macs_per_cycle[m.name]
         wbytes = g.groups * lay["ogp"] * g.kh * g.kw * lay["cgp"] * np.dtype(m.w_dtype).itemsize
         stream = wbytes / self.stream_bytes
-        relayout = g.n * (g.h + 2) * (g.w + 2) * g.c / 8.0
-        return float(max(cycles, stream) + relayout + 2.0 * np.prod(op.out_shape))
+        return float(max(cycles, stream) + relayout_cost(op, lay["cgp"]) + self.writeback * np.prod(op.out_shape))
 
     # ---- layout and knobs ----------------------------------------------------
     def _tc_options(self, op: QOp, cb: int) -> list[int]:
@@ -237,7 +267,7 @@ class Int8DotFamily:
         g = Geometry.of(op)
         m = self.mode(op)
         ob = math.ceil(g.og / m.vl)
-        rs = [r for r in range(1, 9) if r <= g.ow and _tile_fits(r, 1, m)]
+        rs = [r for r in range(1, 17) if r <= g.ow and _tile_fits(r, 1, m)]
         js = [j for j in _divisors(ob) if j <= 8 and _tile_fits(1, j, m)]
         space = {"R": rs, "J": js}  # pairs must also satisfy _tile_fits(R, J)
         if m.name == "avx2-sum16":
@@ -251,14 +281,22 @@ class Int8DotFamily:
         # accumulators (x2 for the int16 partials) + J weights + 1 broadcast + 1 constant
         acc_mult = 2 if m.name == "avx2-sum16" else 1
         best = None
+        wide = m.name == "avx512-vnni" and g.ow > 1
         for j in (j for j in _divisors(ob) if j <= 8):
-            for r in range(1, min(8, g.ow) + 1):
+            for r in range(1, min(16 if wide else 8, g.ow) + 1):
                 if r * j * acc_mult + j + 2 > self.regs or not _tile_fits(r, j, m):
                     continue
-                # prefer more MACs per load; penalise the overlap of the last tile
                 tiles = math.ceil(g.ow / r)
-                waste = tiles * r / g.ow
-                score = (r * j) / (r + j) / waste
+                waste = tiles * r / g.ow  # the overlap of the last tile
+                if wide:
+                    # zmm tiles, measured on ResNet-18's convs (1x1 to 7x7, 7 to 112 wide):
+                    # J = 2 with R >= 7 is the best or within 2% of it everywhere (R=7:
+                    # 14 of 32 registers), J = 4 costs 0-20% (more weight bytes per MAC
+                    # from L2), J = 1 10-40% (a broadcast per MAC); below R = 7 each
+                    # pixel less adds ~4%
+                    score = -waste * (1.15 if j == 1 else 1.0 + 0.05 * abs(j - 2)) * (1 + 0.04 * max(0, 7 - r))
+                else:  # prefer more MACs per load; penalise the overlap of the last tile
+                    score = (r * j) / (r + j) / waste
                 if best is None or score > best[0] + 1e-9:
                     best = (score, r, j)
         knobs = {"R": best[1], "J": best[2]}
@@ -291,7 +329,7 @@ class Int8DotFamily:
         else:
             tc = cb
         return {"cb": cb, "cgp": cb * m.kv, "tc": tc, "ob": math.ceil(g.og / m.vl),
-                "ogp": math.ceil(g.og / m.vl) * m.vl}
+                "ogp": math.ceil(g.og / m.vl) * m.vl, "J": self.knobs(op)["J"]}
 
     # ---- packing --------------------------------------------------------------
     def pack(self, w: np.ndarray, op: QOp) -> list[np.ndarray]:
@@ -305,9 +343,10 @@ class Int8DotFamily:
         w4 = w.T.reshape(g.o, g.c, 1, 1) if g.matmul else w  # [O, Cg, KH, KW]
         full = np.zeros((g.groups, lay["ogp"], lay["cgp"], g.kh, g.kw), np.int64)
         full[:, : g.og, : g.cg] = w4.reshape(g.groups, g.og, g.cg, g.kh, g.kw)
-        # [G, Ob, VL, Cb, kv, KH, KW] -> [G, Ob, KH, KW, Cb, VL, kv]
-        t = full.reshape(g.groups, lay["ob"], m.vl, lay["cb"], m.kv, g.kh, g.kw).transpose(0, 1, 5, 6, 3, 2, 4)
-        wp = np.ascontiguousarray(t.reshape(g.groups, lay["ob"], g.kh, g.kw, lay["cb"], m.vl * m.kv)).astype(m.w_dtype)
+        # [G, Obt, J, VL, Cb, kv, KH, KW] -> [G, Obt, KH, KW, Cb, J, VL, kv]
+        obt, j = lay["ob"] // lay["J"], lay["J"]
+        t = full.reshape(g.groups, obt, j, m.vl, lay["cb"], m.kv, g.kh, g.kw).transpose(0, 1, 6, 7, 4, 2, 3, 5)
+        wp = np.ascontiguousarray(t.reshape(g.groups, obt, g.kh, g.kw, lay["cb"], j, m.vl * m.kv)).astype(m.w_dtype)
         off = act_offset(op, m)
         corr = (off * full.sum(axis=(2, 3, 4))).astype(np.int32)  # [G, Ogp]
         return [wp, np.ascontiguousarray(corr)]
@@ -318,7 +357,8 @@ class Int8DotFamily:
         m = self.mode(op)
         lay = self.layout(op)
         wp = np.asarray(packed[0]).astype(np.int64)
-        t = wp.reshape(g.groups, lay["ob"], g.kh, g.kw, lay["cb"], m.vl, m.kv).transpose(0, 1, 5, 4, 6, 2, 3)
+        obt, j = lay["ob"] // lay["J"], lay["J"]
+        t = wp.reshape(g.groups, obt, g.kh, g.kw, lay["cb"], j, m.vl, m.kv).transpose(0, 1, 5, 6, 4, 7, 2, 3)
         full = t.reshape(g.groups, lay["ogp"], lay["cgp"], g.kh, g.kw)[:, : g.og, : g.cg]
         w4 = full.reshape(g.o, g.cg, g.kh, g.kw)
         return w4.reshape(g.o, g.c).T if g.matmul else w4
@@ -356,13 +396,18 @@ def _build_kernel(op: QOp, mode: Mode, lay: dict, knobs: dict, regs: int):
 
 # Registered instances. macs_per_cycle: relative throughput of each mode, from the
 # 3x3-conv benchmark in benchmarks/kernels.py (GOP/s / 6.8 on the 2-core dev host);
-# it only ranks families against each other and against cpu-bitserial's rates.
+# it only ranks families against each other and against cpu-bitserial's rates. The
+# unit is the time of 87 MACs of the first VNNI conv kernel (the low-bit and
+# bit-serial rates are on that scale); VNNI's 115 and writeback 0.5 (units per
+# output: 16 x 16 transposes) refit the current kernel on ResNet-18's convs
+# (3x3 at 90-99% of the VNNI peak in isolation, the 7x7 stem, the strided 1x1s
+# within ~15%).
 # stream_bytes: weight bytes per unit in the 4096^2 batch-1 GEMV, which streams its
 # weights once (VNNI 8x8: 3.4x its conv-rate time; AVX2: ~1.9x the VNNI GEMV time).
 AVX2_DOT = Int8DotFamily("x86-avx2-dot", "avx2", ["avx2"], ["avx2-madd", "avx2-sum16", "avx2-wide"],
                          {"avx2-madd": 31.0, "avx2-sum16": 43.0, "avx2-wide": 25.0}, regs=16,
                          stream_bytes=9.0)
 AVX512_VNNI_DOT = Int8DotFamily("x86-avx512-vnni", "avx512", ["avx512f", "avx512bw", "avx512vnni"],
-                                ["avx512-vnni"], {"avx512-vnni": 87.0}, regs=32, stream_bytes=17.0)
+                                ["avx512-vnni"], {"avx512-vnni": 115.0}, regs=32, stream_bytes=17.0, writeback=0.5)
 NEON_SDOT = Int8DotFamily("arm-neon-sdot", "neon", ["neon", "dotprod"], ["neon-sdot"], {"neon-sdot": 32.0},
                           regs=32, stream_bytes=9.0)  # not measured: the AVX2 figure
