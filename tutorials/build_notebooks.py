@@ -46,17 +46,25 @@ print({name: ann.bits for name, ann in read_annotations(model).items() if not an
 md("""
 ## 2. The precision plan
 
-`inspect` runs the compiler's passes without building: every conv is split into a 2-bit
-and an 8-bit channel group (a 4-bit and an 8-bit one for the second), each group gets
-the kernel family that is fastest on this CPU, and the channel permutation of the second
-conv is folded into the first conv's output rows. The byte columns are what each family
-really stores: int8-dot kernels keep one byte per weight (speed), the bit-plane family
-keeps each group at its own width (size).
+`inspect` runs the compiler's passes without building. With `split="always"` every conv
+is split into a 2-bit and an 8-bit channel group (a 4-bit and an 8-bit one for the
+second), each group gets the kernel family that is fastest on this CPU, and the channel
+permutation of the second conv is folded into the first conv's output rows. The default,
+`split="auto"`, splits only where the cost model says it pays: on a CPU with AVX-512
+VNNI, where 2-bit and 8-bit products cost the same instruction, a layer this small runs
+whole at 8 bits (the notes say so); on an AVX2-only CPU the narrow groups get faster
+kernels and it splits. The byte columns are what each family really stores: int8-dot
+kernels keep one byte per weight (speed), the bit-plane family keeps each group at its
+own width (size).
 """)
 code("""
-plan = soniq_tvm.inspect(model, target="llvm")
+plan = soniq_tvm.inspect(model, target="llvm", split="always")
 print(plan)
 assert all(len(layer.groups) == 2 for layer in plan.layers)
+auto = soniq_tvm.inspect(model, target="llvm")
+print(auto)
+whole = [layer.name for layer in auto.layers if len(layer.groups) == 1]
+assert not whole or any("run whole" in note for note in auto.notes)
 small = soniq_tvm.inspect(model, target="llvm", family="bitplane-ref")
 print(f"stored as bit-planes: {small.bytes_after} B instead of {small.bytes_before} B int8 "
       f"({small.compression:.1f}x smaller than fp32)")

@@ -274,8 +274,11 @@ def test_cost_picks_lut_where_it_measured_fastest():
     for target in (ZNVER5, ICELAKE):
         assert registry.select(_big(1, 4), target).name == "x86-avx512-lut"
         assert registry.select(_big(1, 4, m=16), target).name == "x86-avx512-lut"
-        for wb, ab, m in [(1, 8, 1), (2, 4, 1), (2, 8, 1), (3, 8, 1), (4, 8, 1), (2, 8, 16)]:
+        for wb, ab, m in [(1, 8, 1), (2, 4, 1), (2, 8, 1), (3, 8, 1), (4, 8, 1)]:
             assert registry.select(_big(wb, ab, m), target).name == "x86-avx512-lowbit", (wb, ab, m)
+        # 16 rows: compute-bound, low-bit and VNNI measured within noise of each other (either
+        # faster by up to 1.5x between runs on a shared machine); never the LUT
+        assert registry.select(_big(2, 8, 16), target).name in ("x86-avx512-lowbit", "x86-avx512-vnni")
         assert registry.select(_big(1, 1), target).name == "cpu-bitserial"
         assert registry.select(_big(8, 8), target).name == "x86-avx512-vnni"
     for wb, ab, m in [(1, 4, 1), (1, 8, 1), (2, 4, 1), (2, 8, 1), (1, 4, 16)]:
