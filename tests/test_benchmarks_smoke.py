@@ -122,3 +122,17 @@ def test_measure_reports_percentiles_and_respects_the_budget(bench):
     assert 3 <= t.runs < 20
     with pytest.raises(ValueError, match="repeats"):
         measure(lambda: None, repeats=0)
+
+
+def test_plot_ratios_and_picture(tmp_path):
+    from benchmarks import plot
+
+    rows = [
+        {"model": "m", "variant": "ORT INT8 QDQ", "timing": {"median_ms": 2.0}, "ratio_ort_int8": 1.0},
+        {"model": "m", "variant": "soniq {2,8}", "timing": {"median_ms": 1.0}, "ratio_ort_int8": 0.5},
+        {"model": "m", "variant": "broken", "timing": None, "ratio_ort_int8": None, "note": "n/a: x"},
+    ]
+    assert plot.ratios(rows) == {"m": [("ORT INT8 QDQ", 1.0), ("soniq {2,8}", 0.5)]}
+    pytest.importorskip("matplotlib")
+    out = plot.plot({"rows": rows, "machine": {"cpu_model": "test", "date": "today"}}, tmp_path / "r.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
