@@ -21,6 +21,24 @@ from tvm.target import Target, TargetKind  # noqa: F401
 
 Constant = tvm.ir.GenericConst
 PrimFunc = tirx.PrimFunc
+# TIR expression utilities the schedule rules use (0.27 names; older TVM: BufferLoad,
+# tir.stmt_functor / s_tir analysis helpers under other modules)
+BufferLoad = getattr(tvm.ir.expr, "TensorLoad", None) or getattr(tvm.ir, "TensorLoad", None) or tirx.BufferLoad
+sblock_realize = dlight.analysis.common_analysis.get_sblockrealize
+
+
+def structural_map(node, rules):
+    """Rewrite ``node`` bottom-up: ``rules`` is a list of (node class, fn) (tvm_ffi 0.1)."""
+    import tvm_ffi
+
+    return tvm_ffi.structural_map(node, rules)
+
+
+def structural_walk(node, visit) -> None:
+    """Call ``visit`` on every sub-node of ``node`` (tvm_ffi 0.1)."""
+    import tvm_ffi
+
+    tvm_ffi.structural_walk(node, visit)
 
 
 def op(name: str):

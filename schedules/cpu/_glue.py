@@ -9,8 +9,6 @@ vector loop only where that keeps every access contiguous.
 """
 from __future__ import annotations
 
-import tvm_ffi  # structural_map / structural_walk (TVM 0.27 has no Python ir_transform)
-
 from soniq_tvm import tvm_shim as tv
 
 from . import _isa
@@ -18,8 +16,8 @@ from .fastmath import substitute
 
 tirx = tv.tirx
 arith = getattr(tv.tvm, "sym", None) or getattr(tv.tvm, "arith")  # ``tvm.arith`` before 0.27
-Load = getattr(tv.tvm.ir.expr, "TensorLoad", None) or tirx.BufferLoad  # the class of a buffer load (0.27)
-_realize = tv.dlight.analysis.common_analysis.get_sblockrealize
+Load = tv.BufferLoad  # the class of a buffer load (TensorLoad in 0.27)
+_realize = tv.sblock_realize
 
 # Below these a loop nest runs on one thread: waking the pool costs about what it saves on 2
 # cores, and a busy second core makes a parallel loop wait for it (measured on the BERT and
@@ -88,7 +86,7 @@ def _ops(block) -> int:
         if isinstance(node, tv.tvm.ir.expr.Expr) and not isinstance(node, (tirx.Var, tirx.IntImm, tirx.FloatImm)):
             n[0] += 1
 
-    tvm_ffi.structural_walk(getattr(block.body, "value", block.body), visit)
+    tv.structural_walk(getattr(block.body, "value", block.body), visit)
     return max(1, n[0])
 
 
@@ -141,7 +139,7 @@ def bindings(sch, block) -> tuple[object, dict]:
 
 def subst_vars(expr, mapping: dict):
     """``expr`` with the variables in ``mapping`` replaced."""
-    return tvm_ffi.structural_map(expr, [(tirx.Var, lambda v: mapping.get(v, v))])
+    return tv.structural_map(expr, [(tirx.Var, lambda v: mapping.get(v, v))])
 
 
 def loop_kinds(sch, block, loops) -> list:
@@ -189,7 +187,7 @@ def _accesses(block) -> list[tuple[object, list]]:
         elif isinstance(node, tirx.BufferStore):
             found.append((node.buffer, list(node.indices)))
 
-    tvm_ffi.structural_walk(block.body, visit)
+    tv.structural_walk(block.body, visit)
     return found
 
 
@@ -231,7 +229,7 @@ def access_strides(sch, block, loops=None) -> list[tuple[object, list]]:
 def uses(expr, var) -> bool:
     """Whether ``expr`` mentions ``var``."""
     hit = []
-    tvm_ffi.structural_walk(expr, lambda n: hit.append(1) if isinstance(n, tirx.Var) and n.same_as(var) else None)
+    tv.structural_walk(expr, lambda n: hit.append(1) if isinstance(n, tirx.Var) and n.same_as(var) else None)
     return bool(hit)
 
 
@@ -261,7 +259,7 @@ def index_divisors(sch, block, loop) -> list[int]:
 
     for _buf, idx in _accesses(blk):
         for i in idx:
-            tvm_ffi.structural_walk(subst_vars(i, bind), visit)
+            tv.structural_walk(subst_vars(i, bind), visit)
     return sorted(found)
 
 

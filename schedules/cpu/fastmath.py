@@ -29,8 +29,6 @@ Other dtypes (float16, float64) are left to TVM.
 """
 from __future__ import annotations
 
-import tvm_ffi  # structural_map: a generic expression rewriter (TVM 0.27 has no Python ir_transform)
-
 from soniq_tvm import tvm_shim as tv
 
 __all__ = ["fast_exp", "fast_erf", "fast_tanh", "fast_sigmoid", "substitute", "REWRITTEN"]
@@ -144,4 +142,4 @@ def _rewrite_call(call):
 def substitute(func):
     """``func`` with every float32 exp/erf/tanh/sigmoid replaced by the
     vectorisable forms above (``func`` itself when it has none)."""
-    return tvm_ffi.structural_map(func, [(tv.tvm.ir.expr.Call, _rewrite_call)])
+    return tv.structural_map(func, [(tv.tvm.ir.expr.Call, _rewrite_call)])

@@ -51,9 +51,9 @@ tirx = tv.tirx
 _ACC_BYTES = 1024  # tvm allocates buffers below this on the stack (kMaxStackAlloca)
 _MIN_PARALLEL_MACS = _isa.MIN_PARALLEL_MACS
 _INT_CODES = ("int8", "uint8", "int16", "uint16", "int32")
-_realize = tv.dlight.analysis.common_analysis.get_sblockrealize
+_realize = tv.sblock_realize
 # the class of a buffer load (``tirx.BufferLoad`` is only a constructor in 0.27)
-_Load = getattr(tv.tvm.ir, "TensorLoad", None) or tirx.BufferLoad
+_Load = tv.BufferLoad
 
 
 def _dtype(expr) -> str:

@@ -25,8 +25,6 @@ whose update is ``max(acc, x)``/``acc + x`` of a single load indexed by
 """
 from __future__ import annotations
 
-import tvm_ffi
-
 from soniq_tvm import tvm_shim as tv
 
 from ._glue import (
@@ -58,7 +56,7 @@ _MAX_SCAN = 4096  # longest output axis whose border/interior split is searched 
 
 def _loads(expr) -> list:
     found = []
-    tvm_ffi.structural_walk(expr, lambda n: found.append(n) if isinstance(n, Load) else None)
+    tv.structural_walk(expr, lambda n: found.append(n) if isinstance(n, Load) else None)
     return found
 
 
@@ -73,7 +71,7 @@ def _is_pool_update(block) -> bool:
         return False
     other = value.b if acc[0].same_as(value.a) else value.a
     products = []
-    tvm_ffi.structural_walk(other, lambda n: products.append(n) if isinstance(n, tirx.Mul) and _loads(n) else None)
+    tv.structural_walk(other, lambda n: products.append(n) if isinstance(n, tirx.Mul) and _loads(n) else None)
     return bool(_loads(other)) and not products
 
 
@@ -92,7 +90,7 @@ def _condition_atoms(expr) -> list:
         if isinstance(n, tv.tvm.ir.expr.Call) and str(getattr(n.op, "name", "")).endswith("if_then_else"):
             split(n.args[0])  # ``prim.if_then_else`` in 0.27, ``tir.if_then_else`` before
 
-    tvm_ffi.structural_walk(expr, visit)
+    tv.structural_walk(expr, visit)
     return atoms
 
 
