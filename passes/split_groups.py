@@ -73,8 +73,7 @@ class _Splitter(tv.PyExprMutator):
         x_axis = 1 if op.kind == "conv2d" else len(op.x_shape) - 1
         out_axis = 1 if op.kind == "conv2d" else len(op.out_shape) - 1
         if self.merge and not _split_pays(op, w, in_groups, out_groups, self.target):
-            whole = op.with_(a_bits=(op.a_bit,) * len(op.a_bits), w_bits=(op.w_bit,) * len(op.w_bits))
-            return emit_qop(self.builder_, whole, x, [w], registry.get("int8-ref"), self.target, "soniq_whole")
+            return emit_qop(self.builder_, _whole(op), x, [w], registry.get("int8-ref"), self.target, "soniq_whole")
 
         perm = np.concatenate(in_groups)
         if len(in_groups) > 1 and not np.array_equal(perm, np.arange(cin)):
@@ -93,14 +92,7 @@ class _Splitter(tv.PyExprMutator):
             acc = None
             for iidx, xs in slices:
                 sub_w = w[oidx][:, iidx] if op.kind == "conv2d" else w[iidx][:, oidx]
-                w_bit = op.w_bits[iidx[0]] if op.w_axis == "in" else op.w_bits[oidx[0]]
-                sub_x_shape = list(op.x_shape)
-                sub_x_shape[x_axis] = len(iidx)
-                w_count = len(iidx) if op.w_axis == "in" else len(oidx)
-                sub = op.with_(
-                    x_shape=tuple(sub_x_shape), w_shape=tuple(sub_w.shape),
-                    a_bits=(op.a_bits[iidx[0]],) * len(iidx), w_bits=(w_bit,) * w_count, group=group,
-                )
+                sub = _sub_op(op, iidx, oidx, sub_w.shape).with_(group=group)
                 group += 1
                 part = emit_qop(self.builder_, sub, xs, [np.ascontiguousarray(sub_w)],
                                 registry.get("int8-ref"), self.target, "soniq_part")
@@ -117,18 +109,19 @@ class _Splitter(tv.PyExprMutator):
                                   f"soniq_unperm_{_safe(op.layer)}")
 
 
-def _sub_ops(op: QOp, w: np.ndarray, in_groups, out_groups):
-    """The uniform sub-ops of the split, in emission order (shapes and bits only)."""
-    x_axis = 1 if op.kind == "conv2d" else len(op.x_shape) - 1
-    for oidx in out_groups:
-        for iidx in in_groups:
-            w_shape = (len(oidx), len(iidx)) + tuple(w.shape[2:]) if op.kind == "conv2d" else (len(iidx), len(oidx))
-            x_shape = list(op.x_shape)
-            x_shape[x_axis] = len(iidx)
-            w_bit = op.w_bits[iidx[0]] if op.w_axis == "in" else op.w_bits[oidx[0]]
-            w_count = len(iidx) if op.w_axis == "in" else len(oidx)
-            yield op.with_(x_shape=tuple(x_shape), w_shape=w_shape, a_bits=(op.a_bits[iidx[0]],) * len(iidx),
-                           w_bits=(w_bit,) * w_count)
+def _sub_op(op: QOp, iidx: np.ndarray, oidx: np.ndarray, w_shape) -> QOp:
+    """The uniform sub-op of input channels ``iidx`` and output channels ``oidx``."""
+    x_shape = list(op.x_shape)
+    x_shape[1 if op.kind == "conv2d" else len(x_shape) - 1] = len(iidx)
+    w_bit = op.w_bits[iidx[0]] if op.w_axis == "in" else op.w_bits[oidx[0]]
+    w_count = len(iidx) if op.w_axis == "in" else len(oidx)
+    return op.with_(x_shape=tuple(x_shape), w_shape=tuple(w_shape), a_bits=(op.a_bits[iidx[0]],) * len(iidx),
+                    w_bits=(w_bit,) * w_count)
+
+
+def _whole(op: QOp) -> QOp:
+    """``op`` as one uniform group at its widest widths (narrow codes are valid wide codes)."""
+    return op.with_(a_bits=(op.a_bit,) * len(op.a_bits), w_bits=(op.w_bit,) * len(op.w_bits))
 
 
 def _cheapest(op: QOp, target) -> float:
@@ -140,7 +133,6 @@ def _cheapest(op: QOp, target) -> float:
 def _split_pays(op: QOp, w: np.ndarray, in_groups, out_groups, target) -> bool:
     """Whether the split groups are estimated faster than the whole op at its
     widest width (cost-model units: about one cycle per 8 bytes copied)."""
-    whole = op.with_(a_bits=(op.a_bit,) * len(op.a_bits), w_bits=(op.w_bit,) * len(op.w_bits))
     x_elems = int(np.prod(op.x_shape))
     out_elems = int(np.prod(op.out_shape))
     moved = 0.0
@@ -149,8 +141,10 @@ def _split_pays(op: QOp, w: np.ndarray, in_groups, out_groups, target) -> bool:
         moved += (len(in_groups) - 1) * len(out_groups) * 3 * 4 * out_elems / 8.0  # int32 adds
     if len(out_groups) > 1:
         moved += 2 * 4 * out_elems / 8.0  # concat (and un-permute)
-    split = sum(_cheapest(sub, target) for sub in _sub_ops(op, w, in_groups, out_groups)) + moved
-    return split < _cheapest(whole, target)
+    tail = tuple(w.shape[2:]) if op.kind == "conv2d" else ()
+    subs = [_sub_op(op, i, o, ((len(o), len(i)) + tail) if op.kind == "conv2d" else (len(i), len(o)))
+            for o in out_groups for i in in_groups]
+    return sum(_cheapest(sub, target) for sub in subs) + moved < _cheapest(_whole(op), target)
 
 
 def _safe(name: str) -> str:
