@@ -102,20 +102,7 @@ def _ops(op):
 def bench_family(fam, op, target, rng, number=10):
     import tvm
 
-    from soniq_tvm import tvm_shim as tv
-    from soniq_tvm.qop import reference, weight_range
-
-    lo, hi = weight_range(op.w_bit, op.w_signed)
-    w = rng.integers(lo, hi + 1, op.w_shape)
-    if op.bipolar:
-        w = np.where(w >= 0, 1, -1)
-    x = rng.integers(-(1 << (op.a_bit - 1)), 1 << (op.a_bit - 1), op.x_shape).astype(op.a_dtype)
-    packed = fam.pack(w, op)
-    lib = tvm.compile(fam.primfunc(op, target), target=target)
-    out = tvm.runtime.empty(op.out_shape, "int32")
-    args = [tv.tensor(x), *[tv.tensor(p) for p in packed], out]
-    lib["main"](*args)
-    exact = bool(np.array_equal(out.numpy(), reference(x, w, op)))
+    lib, args, exact, _ = _compiled(fam, op, target, rng)
     t = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=5, min_repeat_ms=50)(*args).median
     return t, exact
 
@@ -150,9 +137,9 @@ def _operands(op, rng):
     return x, w
 
 
-def _kernel_timer(fam, op, target, rng, call_s=0.02):
-    """Compile ``fam`` for ``op``; returns ``(timer, exact, packed weight bytes)``,
-    ``timer()`` giving seconds per call (about ``call_s`` of calls per sample)."""
+def _compiled(fam, op, target, rng):
+    """Compile ``fam``'s kernel for ``op`` on random operands and run it once:
+    ``(library, call arguments, exact against the numpy reference, packed weights)``."""
     import tvm
 
     from soniq_tvm import tvm_shim as tv
@@ -164,7 +151,15 @@ def _kernel_timer(fam, op, target, rng, call_s=0.02):
     out = tvm.runtime.empty(op.out_shape, "int32")
     args = [tv.tensor(x), *[tv.tensor(p) for p in packed], out]
     lib["main"](*args)
-    exact = bool(np.array_equal(out.numpy(), reference(x, w, op)))
+    return lib, args, bool(np.array_equal(out.numpy(), reference(x, w, op))), packed
+
+
+def _kernel_timer(fam, op, target, rng, call_s=0.02):
+    """Compile ``fam`` for ``op``; returns ``(timer, exact, packed weight bytes)``,
+    ``timer()`` giving seconds per call (about ``call_s`` of calls per sample)."""
+    import tvm
+
+    lib, args, exact, packed = _compiled(fam, op, target, rng)
     ev = lib.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=1, min_repeat_ms=int(call_s * 1e3))
     return (lambda: ev(*args).mean), exact, int(packed[0].nbytes)
 
