@@ -7,7 +7,8 @@
     4  split        mixed-precision ops -> uniform channel groups (split_groups)
     5  permute      channel gathers folded into their producers  (fold_permutations)
     6  pack         a kernel family per group, weights packed     (pack_weights)
-    7  cleanup      dead code elimination
+    7  act_matmul   activation x activation matmuls onto dot-product kernels (lower_act_matmul)
+    8  cleanup      dead code elimination
 
 ``dump_dir`` writes the IR after every phase (``NN-name.py``), so anyone can see,
 diff and reorder the flow. Building (``tvm.compile``) is the caller's step.
@@ -22,12 +23,13 @@ from soniq_tvm import tvm_shim as tv
 from .canonicalize_minmax import CanonicalizeMinMax
 from .fold_permutations import FoldPermutations, count_gathers
 from .fold_qdq import FoldQDQ, WeightInfo
+from .lower_act_matmul import LowerActMatmul
 from .pack_weights import PackWeights
 from .split_groups import SplitChannelGroups
 
 __all__ = ["run_pipeline", "PipelineResult", "WeightInfo", "import_onnx", "PHASES"]
 
-PHASES = ("import", "canonicalize", "fold_qdq", "bind", "split", "permute", "pack", "cleanup")
+PHASES = ("import", "canonicalize", "fold_qdq", "bind", "split", "permute", "pack", "act_matmul", "cleanup")
 
 
 @dataclass
@@ -72,10 +74,31 @@ def _soniq_layers(mod) -> list:
     return found
 
 
+def act_kernels(mod) -> list[str]:
+    """One entry per call of an activation x activation kernel (phase 7): the
+    kernel's description, e.g. ``"avx512-vnni R12 J2"``."""
+    from ._common import CALL_TIR
+    from .lower_act_matmul import ACT_ATTR
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, tv.relax.Call) and expr.op == CALL_TIR:
+            func = mod.functions.get(expr.args[0]) if hasattr(mod.functions, "get") else None
+            text = tv.prim_func_attr(func, ACT_ATTR) if isinstance(func, tv.PrimFunc) else None
+            if text is not None:
+                found.append(str(text))
+
+    for _gv, func in mod.functions.items():
+        if isinstance(func, tv.relax.Function):
+            tv.relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
 def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
                  dump_dir: str | None = None, stop_after: str | None = None, tuned=None,
                  split: str = "auto") -> PipelineResult:
-    """Run phases 0-7 on an ONNX ModelProto (int4 initializers already widened),
+    """Run phases 0-8 on an ONNX ModelProto (int4 initializers already widened),
     or up to and including ``stop_after`` (one of :data:`PHASES`). ``tuned``: a
     :class:`soniq_tvm.tuning.TunedSchedules`; the pack phase takes its
     (family, knobs) for the kernels it has records of. ``split``: "auto" keeps a
@@ -99,6 +122,7 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
                                                tv.relax.transform.CanonicalizeBindings()])),
         ("permute", FoldPermutations),
         ("pack", PackWeights(target, force=family, knobs_for=tuned.knobs_for if tuned is not None else None)),
+        ("act_matmul", LowerActMatmul(target, force=family)),
         ("cleanup", tv.relax.transform.DeadCodeElimination()),
     ]
     for i, (name, p) in enumerate(steps, start=1):

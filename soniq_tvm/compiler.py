@@ -143,7 +143,7 @@ def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, sto
 
 
 def build_plan(result, tgt: dict) -> Plan:
-    from soniq_tvm.passes.pipeline import _soniq_layers
+    from soniq_tvm.passes.pipeline import _soniq_layers, act_kernels
 
     groups = defaultdict(list)
     for op in _soniq_layers(result.mod):
@@ -168,6 +168,10 @@ def build_plan(result, tgt: dict) -> Plan:
     if result.gathers_after_split:
         notes.append(f"{folded} of {sum(result.gathers_after_split.values())} channel permutations folded "
                      "into producers")
+    acts = act_kernels(result.mod)
+    if acts:
+        kinds = ", ".join(sorted({a.split()[0] for a in acts}))
+        notes.append(f"{len(acts)} activation x activation matmul(s) (attention) on the {kinds} dot-product kernel")
     return Plan(layers=tuple(layers), target=describe(tgt), notes=tuple(notes))
 
 

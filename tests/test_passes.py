@@ -185,3 +185,53 @@ def _calls(mod, name):
         mod["main"].body, lambda e: found.append(e) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)
         and e.op.name == name else None)
     return found
+
+
+def _act_kernel_calls(mod):
+    from soniq_tvm.passes.pipeline import act_kernels
+
+    return act_kernels(mod)
+
+
+@pytest.mark.parametrize("target,lowered", [("llvm -mcpu=cascadelake", True), ("llvm -mcpu=haswell", False),
+                                            ("llvm -mtriple=aarch64-linux-gnu -mattr=+neon,+dotprod", True)])
+def test_act_matmuls_lowered_where_an_instruction_takes_them(target, lowered):
+    """Phase 7: the two attention matmuls become dot-product kernels on VNNI and NEON
+    dotprod, reading the 8-bit codes; AVX2 keeps the exact int32 matmul."""
+    from soniq_tvm import models
+
+    before = prepare(models.example_transformer(), target, stop_after="pack")[0].mod
+    after = prepare(models.example_transformer(), target)[0].mod
+    int_mm = lambda mod: [c for c in _calls(mod, "relax.matmul") if str(c.attrs.out_dtype) == "int32"]  # noqa: E731
+    assert len(int_mm(before)) == 2 and not _act_kernel_calls(before)
+    if lowered:
+        assert not int_mm(after) and len(_act_kernel_calls(after)) == 2
+        casts = [c for c in _calls(after, "relax.astype") if tv.dtype_of(c) == "int32"]
+        assert not [c for c in casts if tv.dtype_of(c.args[0]) in ("int8", "uint8")]  # no int32 copies of codes
+    else:
+        assert len(int_mm(after)) == 2 and not _act_kernel_calls(after)
+
+
+def test_act_matmuls_kept_with_a_forced_family():
+    from soniq_tvm import models
+
+    after = prepare(models.example_transformer(), "llvm -mcpu=cascadelake", family="int8-ref")[0].mod
+    assert not _act_kernel_calls(after)
+    assert len([c for c in _calls(after, "relax.matmul") if str(c.attrs.out_dtype) == "int32"]) == 2
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vnni"} <= __import__(
+    "soniq_tvm.schedules.cpu._isa", fromlist=["x"]).host_features(), reason="host has no AVX512-VNNI")
+def test_act_matmul_kernels_change_no_number():
+    """The whole transformer with its attention on VNNI kernels gives bit for bit the
+    output of the reference build (int8-ref kernels, generic int32 matmuls)."""
+    import soniq_tvm
+    from soniq_tvm import models
+
+    proto = models.example_transformer()
+    fast = soniq_tvm.compile(proto)
+    ref = soniq_tvm.compile(proto, family="int8-ref")
+    assert any("activation x activation" in n for n in fast.plan.notes)
+    for seed in range(3):
+        inputs = models.example_inputs(proto, seed=seed)
+        np.testing.assert_array_equal(fast.run(inputs)[0], ref.run(inputs)[0])
