@@ -59,6 +59,15 @@ def clamp_start(i, width: int, extent: int):
     return tirx.min(i * width, extent - width)
 
 
+@T.macro
+def zero_tile(acc0, acc1, n0, n1, lanes):
+    """Zero the ``n0`` and ``n1`` accumulator vectors of a tile's two halves."""
+    for u in T.unroll(n0):
+        acc0[T.ramp(u * lanes, 1, lanes)] = _isa.zeros("int32", lanes)
+    for u in T.unroll(n1):
+        acc1[T.ramp(u * lanes, 1, lanes)] = _isa.zeros("int32", lanes)
+
+
 def build(op, g, mode, lay, knobs, dot, off):
     R, J = knobs["R"], knobs["J"]
     RA, RB = split_tile(R)
@@ -239,10 +248,7 @@ def build(op, g, mode, lay, knobs, dot, off):
                 ox0: T.let = T.min(oxt * R, OW - R)
                 acc0 = T.alloc_buffer((RA * J * VL,), "int32")
                 acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
-                for u in T.unroll(RA * J):
-                    acc0[T.ramp(u * VL, 1, VL)] = _isa.zeros("int32", VL)
-                for u in T.unroll(RB * J):
-                    acc1[T.ramp(u * VL, 1, VL)] = _isa.zeros("int32", VL)
+                zero_tile(acc0, acc1, RA * J, RB * J, VL)
                 for r, s, ch in T.grid(KH, KW, NCH):
                     if SUM16:
                         a16 = T.alloc_buffer((RA * J * 16,), "int16")
