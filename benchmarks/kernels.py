@@ -1,5 +1,5 @@
 """Per-family kernel throughput against the machine's primitive peaks:
-``python -m benchmarks.kernels [--quick] [--sections families,gemv,conv,depthwise]``.
+``python -m benchmarks.kernels [--quick] [--sections families,gemv,conv,depthwise,attention]``.
 
 Two workloads: a ResNet-like 3x3 conv (1x64x56x56 -> 64, pad 1) and a 4096x4096
 GEMV, at several (w_bits, a_bits). Each applicable CPU family is compiled for the
@@ -32,6 +32,10 @@ Sections (``--sections``, all by default):
   bit-serial, interleaved the same way.
 * ``depthwise``: ``cpu-depthwise`` vs ``bitplane-ref`` on a 3x3 depthwise conv
   (1 x 128 x 56 x 56, stride 1 and 2).
+* ``attention``: the BERT-like encoder's score and context matmuls (4 heads,
+  128 x 64 x 128 and 128 x 128 x 64, 8-bit codes) on the activation x activation
+  dot-product kernel (``schedules/cpu/actdot.py``, VNNI hosts only) against the
+  generic int32 ``Matmul`` rule it replaces, interleaved, with the VNNI peak.
 """
 from __future__ import annotations
 
@@ -402,11 +406,77 @@ def depthwise_section(rounds: int, log=print) -> list[dict]:
     return rows
 
 
+ATTENTION = [(4, 128, 64, 128, "int8"), (4, 128, 128, 64, "uint8")]  # (heads, m, k, n, a codes)
+
+
+def _generic_int32_matmul(bt, m, k, n):
+    """The int32 batched matmul as the graph holds it without a dot-product
+    kernel, scheduled by the default ``Matmul`` rule."""
+    import tvm
+    from tvm import te
+
+    from soniq_tvm import tvm_shim as tv
+    from soniq_tvm.schedules.cpu.generic import default_rules
+
+    a = te.placeholder((bt, m, k), "int32", name="A")
+    b = te.placeholder((bt, k, n), "int32", name="B")
+    r = te.reduce_axis((0, k), "k")
+    c = te.compute((bt, m, n), lambda t, i, j: te.sum(a[t, i, r] * b[t, r, j], axis=r), name="matmul")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b, c]).with_attr("global_symbol", "main")})
+    target = _target(None)
+    with target:
+        mod = tv.dlight.ApplyDefaultSchedule(*default_rules())(mod)
+    return tvm.compile(mod, target=target)
+
+
+def attention_section(rounds: int, log=print) -> list[dict]:
+    """Act-dot kernel vs the generic int32 matmul on attention shapes (VNNI hosts)."""
+    import tvm
+
+    from soniq_tvm import tvm_shim as tv
+    from soniq_tvm.schedules.cpu import _isa, actdot
+
+    if not {"avx512f", "avx512bw", "avx512vnni"} <= _isa.host_features():
+        log("attention: this host has no AVX512-VNNI, nothing to time")
+        return []
+    peak = primitive_peaks(log=lambda s: None).get("avx512-vnni")
+    rng = np.random.default_rng(0)
+    rows = []
+    log(f"{'shape':18} {'kernel':22} {'us':>8} {'GMAC/s':>8} {'%VNNI':>6} {'x generic':>9} exact")
+    for bt, m, k, n, ad in ATTENTION:
+        spec = actdot.ActMatmul(bt, m, k, n, ad, "int8")
+        info = np.iinfo(ad)
+        a = rng.integers(info.min, int(info.max) + 1, (bt, m, k)).astype(ad)
+        b = rng.integers(-128, 128, (bt, k, n)).astype("int8")
+        ref = actdot.reference(a, b)
+        libs = {"actdot": (tvm.compile(tvm.IRModule({"main": actdot.act_matmul(spec, _target(None))}),
+                                       target=_target(None)), [tv.tensor(a), tv.tensor(b)]),
+                "generic int32": (_generic_int32_matmul(bt, m, k, n),
+                                  [tv.tensor(a.astype("int32")), tv.tensor(b.astype("int32"))])}
+        timers, exact = {}, {}
+        for name, (lib, args) in libs.items():
+            out = tvm.runtime.empty((bt, m, n), "int32")
+            lib["main"](*args, out)
+            exact[name] = bool(np.array_equal(out.numpy(), ref))
+            timers[name] = (lambda lib=lib, args=args, out=out:
+                            lib.mod.time_evaluator("main", tvm.cpu(), number=200, repeat=1)(*args, out).median)
+        med = _interleave(timers, rounds)
+        for name, t in med.items():
+            gmacs = spec.macs / t / 1e9
+            row = {"shape": f"{bt}x{m}x{k}x{n} {ad}", "kernel": name, "us": t * 1e6, "gmacs": gmacs,
+                   "pct_vnni": 100 * gmacs / peak if peak else None, "x_generic": t / med["generic int32"],
+                   "exact": exact[name]}
+            rows.append(row)
+            pct = f"{row['pct_vnni']:5.0f}%" if peak else "   n/a"
+            log(f"{row['shape']:18} {name:22} {t * 1e6:8.2f} {gmacs:8.1f} {pct} {row['x_generic']:9.2f} {exact[name]}")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer bit widths, no bitplane-ref baseline")
-    ap.add_argument("--sections", default="families,gemv,conv,depthwise",
-                    help="comma-separated: families, gemv, conv, depthwise")
+    ap.add_argument("--sections", default="families,gemv,conv,depthwise,attention",
+                    help="comma-separated: families, gemv, conv, depthwise, attention")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the gemv/conv/depthwise tables")
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
@@ -418,6 +488,8 @@ def main(argv=None) -> int:
         conv_section(rounds)
     if "depthwise" in sections:
         depthwise_section(max(3, rounds // 3))
+    if "attention" in sections:
+        attention_section(rounds)
     if "families" not in sections:
         return 0
     import tvm
