@@ -1,0 +1,22 @@
+"""``benchmarks.kernels``' attention section: both kernels exact on the BERT shapes.
+(Speed is the benchmark's to report, not a test's to assert.)"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("tvm")
+
+from benchmarks import kernels  # noqa: E402
+from soniq_tvm.schedules.cpu import _isa  # noqa: E402
+
+
+def test_attention_section_rows_are_exact():
+    lines = []
+    rows = kernels.attention_section(rounds=1, log=lines.append)
+    if not {"avx512f", "avx512bw", "avx512vnni"} <= _isa.host_features():
+        assert rows == [] and "no AVX512-VNNI" in lines[0]
+        return
+    assert {(r["shape"], r["kernel"]) for r in rows} == {
+        (f"{b}x{m}x{k}x{n} {d}", kern) for b, m, k, n, d in kernels.ATTENTION for kern in ("actdot", "generic int32")}
+    assert all(r["exact"] and r["us"] > 0 for r in rows)
+    assert all(r["x_generic"] == 1.0 for r in rows if r["kernel"] == "generic int32")
