@@ -34,8 +34,9 @@ Sections (``--sections``, all by default):
   (1 x 128 x 56 x 56, stride 1 and 2).
 * ``attention``: the BERT-like encoder's score and context matmuls (4 heads,
   128 x 64 x 128 and 128 x 128 x 64, 8-bit codes) on the activation x activation
-  dot-product kernel (``schedules/cpu/actdot.py``, VNNI hosts only) against the
-  generic int32 ``Matmul`` rule it replaces, interleaved, with the VNNI peak.
+  dot-product kernel (``schedules/cpu/actdot.py``: VNNI, or int16 ``vpmaddwd``
+  pairs on AVX2; both on a VNNI host) against the generic int32 ``Matmul`` rule
+  it replaces, interleaved; %prim against the VNNI / ``avx2-wide`` primitive.
 """
 from __future__ import annotations
 
@@ -409,7 +410,7 @@ def depthwise_section(rounds: int, log=print) -> list[dict]:
 ATTENTION = [(4, 128, 64, 128, "int8"), (4, 128, 128, 64, "uint8")]  # (heads, m, k, n, a codes)
 
 
-def _generic_int32_matmul(bt, m, k, n):
+def _generic_int32_matmul(bt, m, k, n, target):
     """The int32 batched matmul as the graph holds it without a dot-product
     kernel, scheduled by the default ``Matmul`` rule."""
     import tvm
@@ -423,52 +424,59 @@ def _generic_int32_matmul(bt, m, k, n):
     r = te.reduce_axis((0, k), "k")
     c = te.compute((bt, m, n), lambda t, i, j: te.sum(a[t, i, r] * b[t, r, j], axis=r), name="matmul")
     mod = tvm.IRModule({"main": te.create_prim_func([a, b, c]).with_attr("global_symbol", "main")})
-    target = _target(None)
     with target:
         mod = tv.dlight.ApplyDefaultSchedule(*default_rules())(mod)
     return tvm.compile(mod, target=target)
 
 
 def attention_section(rounds: int, log=print) -> list[dict]:
-    """Act-dot kernel vs the generic int32 matmul on attention shapes (VNNI hosts)."""
+    """Act-dot kernel vs the generic int32 matmul on attention shapes: on this
+    host's instruction (VNNI or AVX2) and, on a VNNI host, on AVX2 too."""
     import tvm
 
     from soniq_tvm import tvm_shim as tv
     from soniq_tvm.schedules.cpu import _isa, actdot
 
-    if not {"avx512f", "avx512bw", "avx512vnni"} <= _isa.host_features():
-        log("attention: this host has no AVX512-VNNI, nothing to time")
+    hostf = _isa.host_features()
+    targets = [None] + ([AVX2_CPU] if "avx512vnni" in hostf else [])
+    if "avx2" not in hostf:
+        log("attention: this host has no AVX2, nothing to time")
         return []
-    peak = primitive_peaks(log=lambda s: None).get("avx512-vnni")
+    peaks = primitive_peaks(log=lambda s: None)
     rng = np.random.default_rng(0)
     rows = []
-    log(f"{'shape':18} {'kernel':22} {'us':>8} {'GMAC/s':>8} {'%VNNI':>6} {'x generic':>9} exact")
+    log(f"{'shape':18} {'kernel':26} {'us':>8} {'GMAC/s':>8} {'%prim':>6} {'x generic':>9} exact")
     for bt, m, k, n, ad in ATTENTION:
         spec = actdot.ActMatmul(bt, m, k, n, ad, "int8")
         info = np.iinfo(ad)
         a = rng.integers(info.min, int(info.max) + 1, (bt, m, k)).astype(ad)
         b = rng.integers(-128, 128, (bt, k, n)).astype("int8")
         ref = actdot.reference(a, b)
-        libs = {"actdot": (tvm.compile(tvm.IRModule({"main": actdot.act_matmul(spec, _target(None))}),
-                                       target=_target(None)), [tv.tensor(a), tv.tensor(b)]),
-                "generic int32": (_generic_int32_matmul(bt, m, k, n),
-                                  [tv.tensor(a.astype("int32")), tv.tensor(b.astype("int32"))])}
-        timers, exact = {}, {}
-        for name, (lib, args) in libs.items():
-            out = tvm.runtime.empty((bt, m, n), "int32")
-            lib["main"](*args, out)
-            exact[name] = bool(np.array_equal(out.numpy(), ref))
-            timers[name] = (lambda lib=lib, args=args, out=out:
-                            lib.mod.time_evaluator("main", tvm.cpu(), number=200, repeat=1)(*args, out).median)
+        timers, meta = {}, {}
+        for mcpu in targets:
+            target = _target(mcpu)
+            mode = actdot.mode_for(spec, target).name
+            runs = {f"actdot {mode}": (tvm.compile(tvm.IRModule({"main": actdot.act_matmul(spec, target)}),
+                                                   target=target), [tv.tensor(a), tv.tensor(b)], mode),
+                    f"generic int32 {mcpu or 'host'}": (_generic_int32_matmul(bt, m, k, n, target),
+                                                        [tv.tensor(a.astype("int32")),
+                                                         tv.tensor(b.astype("int32"))], mode)}
+            for name, (lib, args, mode_name) in runs.items():
+                out = tvm.runtime.empty((bt, m, n), "int32")
+                lib["main"](*args, out)
+                meta[name] = (bool(np.array_equal(out.numpy(), ref)), mode_name, f"generic int32 {mcpu or 'host'}")
+                timers[name] = (lambda lib=lib, args=args, out=out:
+                                lib.mod.time_evaluator("main", tvm.cpu(), number=200, repeat=1)(*args, out).median)
         med = _interleave(timers, rounds)
         for name, t in med.items():
+            exact, mode_name, generic = meta[name]
             gmacs = spec.macs / t / 1e9
+            peak = peaks.get(mode_name) if name.startswith("actdot") else None
             row = {"shape": f"{bt}x{m}x{k}x{n} {ad}", "kernel": name, "us": t * 1e6, "gmacs": gmacs,
-                   "pct_vnni": 100 * gmacs / peak if peak else None, "x_generic": t / med["generic int32"],
-                   "exact": exact[name]}
+                   "pct_prim": 100 * gmacs / peak if peak else None, "x_generic": t / med[generic], "exact": exact}
             rows.append(row)
-            pct = f"{row['pct_vnni']:5.0f}%" if peak else "   n/a"
-            log(f"{row['shape']:18} {name:22} {t * 1e6:8.2f} {gmacs:8.1f} {pct} {row['x_generic']:9.2f} {exact[name]}")
+            pct = f"{row['pct_prim']:5.0f}%" if peak else "     -"
+            log(f"{row['shape']:18} {name:26} {t * 1e6:8.2f} {gmacs:8.1f} {pct} {row['x_generic']:9.2f} {exact}")
     return rows
 
 

@@ -29,7 +29,9 @@ def build(spec, mode, knobs, dot):
     VL, KV = mode.vl, mode.kv
     BT, M, K, N = spec.batch, spec.m, spec.k, spec.n
     AD, BD = spec.a_dtype, spec.b_dtype
-    FLIP = AD != mode.a_dtype          # the operand wants the other signedness: a' = a xor 0x80
+    WIDE = mode.a_dtype == "int16"    # int16 operands (AVX2 vpmaddwd): any 8-bit code fits as it is
+    EB = 16 if WIDE else 8             # bits of one operand element
+    FLIP = not WIDE and AD != mode.a_dtype  # the operand wants the other signedness: a' = a xor 0x80
     OFF = (128 if AD == "int8" else -128) if FLIP else 0  # a' = a + OFF
     K4, KT = K // KV, K % KV           # whole words of A's row, bytes of the last partial one
     NW = K4 + (1 if KT else 0)         # packed reduction steps
@@ -38,33 +40,44 @@ def build(spec, mode, knobs, dot):
     NTAIL = N % VL != 0
     SCALAR_PACK = NTAIL or KT != 0  # padding to fill: element-wise packing
     MT = (M + R - 1) // R
+    KP = NW * KV                       # codes per row of the widened copy of a (WIDE)
+    KV16 = K // 16 * 16                # of which whole 16-code vectors
     WV = f"{mode.w_dtype}x{VL * KV}"
     ABC = f"{mode.a_dtype}x{VL * KV}"
     BV = f"{BD}x{VL}"
     # packed operand: lane l of step w holds b[KV*w + q, col0 + l] at byte l*KV + q
     inter = [q * VL + lane for lane in range(VL) for q in range(KV)]
-    ones = _isa.bcast_word(tirx.Broadcast(tirx.const(1, mode.a_dtype), KV), VL, ABC)
+    ones = _isa.bcast_word(tirx.Broadcast(tirx.const(1, mode.a_dtype), KV), VL, ABC) if FLIP else None
     par = T.parallel if spec.macs >= _isa.MIN_PARALLEL_MACS and BT * NBT > 1 else T.serial
 
     def a_word(a, t, i, w):
-        v = tirx.reinterpret("int32", a.vload([t, i, w * KV], f"{AD}x{KV}"))
+        if WIDE:  # ``a`` is the task's widened copy: one 32-bit word of int16 codes
+            v = a.vload([i * KP + w * KV], f"{mode.a_dtype}x{KV}")
+        else:
+            v = a.vload([t, i, w * KV], f"{AD}x{KV}")
+        v = tirx.reinterpret("int32", v)
         if FLIP:
             v = tirx.bitwise_xor(v, tirx.const(_FLIP, "int32"))
         return tirx.reinterpret(ABC, tirx.Broadcast(v, VL))
 
     def a_tail(a, t, i):
-        """The last, partial word of a row: its KT bytes, then zeros (whose packed
+        """The last, partial word of a row: its KT codes, then zeros (whose packed
         ``b`` is zero too)."""
         w = None
         for q in range(KT):
-            byte = a[t, i, K4 * KV + q]
-            u = tirx.Cast("uint32", tirx.reinterpret(f"u{AD}" if AD == "int8" else AD, byte))
+            e = tirx.Cast(mode.a_dtype, a[t, i, K4 * KV + q])
+            u = tirx.Cast("uint32", tirx.reinterpret(f"uint{EB}", e))
             if FLIP:
                 u = tirx.bitwise_xor(u, tirx.const(0x80, "uint32"))
             if q:
-                u = tirx.shift_left(u, tirx.const(8 * q, "uint32"))
+                u = tirx.shift_left(u, tirx.const(EB * q, "uint32"))
             w = u if w is None else tirx.bitwise_or(w, u)
         return tirx.reinterpret(ABC, tirx.Broadcast(tirx.reinterpret("int32", w), VL))
+
+    def packed(vectors):
+        """``KV`` rows of ``VL`` codes of b, interleaved into one operand vector."""
+        v = tirx.Shuffle(vectors, inter)
+        return tirx.Cast(WV, v) if WIDE else v
 
     @T.macro
     def steps(acc, bp, a, t, i0, rn, w, tail):
@@ -103,10 +116,11 @@ def build(spec, mode, knobs, dot):
                     for lane, q in T.grid(VL, KV):
                         bp[(w * J + j) * VL * KV + lane * KV + q] = T.if_then_else(
                             w * KV + q < K and col0 + j * VL + lane < N,
-                            b[t, T.min(w * KV + q, K - 1), T.min(col0 + j * VL + lane, N - 1)], T.Cast(BD, 0))
+                            T.Cast(mode.w_dtype, b[t, T.min(w * KV + q, K - 1), T.min(col0 + j * VL + lane, N - 1)]),
+                            T.Cast(mode.w_dtype, 0))
                 else:
-                    bp[T.ramp((w * J + j) * VL * KV, 1, VL * KV)] = T.Shuffle(
-                        [b.vload([t, w * KV + q, col0 + j * VL], BV) for q in range(KV)], inter)
+                    bp[T.ramp((w * J + j) * VL * KV, 1, VL * KV)] = packed(
+                        [b.vload([t, w * KV + q, col0 + j * VL], BV) for q in range(KV)])
             # corr = OFF * column sums of b (a dot product with a word of ones)
             for j in T.unroll(J):
                 corr[T.ramp(j * VL, 1, VL)] = _isa.zeros("int32", VL)
@@ -116,15 +130,28 @@ def build(spec, mode, knobs, dot):
                                                       bp.vload([(w * J + j) * VL * KV], WV))
                 for j in T.unroll(J):
                     corr[T.ramp(j * VL, 1, VL)] = _isa.row(corr, j, VL) * T.Broadcast(T.int32(OFF), VL)
+            if WIDE:
+                # a's rows widened to int16 once per task (zero-padded to whole words),
+                # so that a word is one broadcast load in the tile
+                aw = T.alloc_buffer((M * KP,), mode.a_dtype)
+                for i in range(M):
+                    for c in range(KV16 // 16):
+                        aw[T.ramp(i * KP + c * 16, 1, 16)] = T.Cast(f"{mode.a_dtype}x16",
+                                                                    a.vload([t, i, c * 16], f"{AD}x16"))
+                    for k in range(KP - KV16):
+                        aw[i * KP + KV16 + k] = T.if_then_else(KV16 + k < K, T.Cast(mode.a_dtype,
+                                                               a[t, i, T.min(KV16 + k, K - 1)]),
+                                                               T.Cast(mode.a_dtype, 0))
+            src = aw if WIDE else a
             for it in range(MT):
                 i0: T.let = clamp_start(it, R, M)
                 acc0 = T.alloc_buffer((RA * J * VL,), "int32")
                 acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
                 zero_tile(acc0, acc1, RA * J, RB * J, VL)
-                for w in range(K4):
-                    steps(acc0, bp, a, t, i0, RA, w, False)
-                    steps(acc1, bp, a, t, i0 + RA, RB, w, False)
-                if KT != 0:
+                for w in range(NW if WIDE else K4):
+                    steps(acc0, bp, src, t, i0, RA, w, False)
+                    steps(acc1, bp, src, t, i0 + RA, RB, w, False)
+                if KT != 0 and not WIDE:
                     steps(acc0, bp, a, t, i0, RA, K4, True)
                     steps(acc1, bp, a, t, i0 + RA, RB, K4, True)
                 write(o, acc0, corr, t, i0, RA, col0)

@@ -1,5 +1,6 @@
 """Activation x activation matmuls (attention's ``Q.K^T`` and ``P.V``) on the
-int8-class dot-product instructions: AVX-512 VNNI ``vpdpbusd``, ARM NEON ``sdot``.
+int8-class dot-product instructions: AVX-512 VNNI ``vpdpbusd``, ARM NEON ``sdot``,
+AVX2 ``vpmaddwd`` on int16 pairs.
 
 Both operands are run-time tensors of 8-bit codes, so nothing can be packed at
 compile time. :func:`act_matmul` answers, for a batched matmul
@@ -18,11 +19,14 @@ The kernel (:mod:`._actdot_tir`):
   word of each row of ``a`` (read in place, ``a`` is row-major) is broadcast and
   multiplied into ``J`` packed vectors.
 * **Exactness.** ``vpdpbusd`` takes u8 x s8 and NEON ``sdot`` s8 x s8, summing four
-  products straight into int32 (no intermediate saturation). ``b`` must be int8.
-  When ``a`` has the other signedness its bytes are xor-ed with ``0x80``, which
-  adds ``off`` = +128 (s8 -> u8) or -128 (u8 -> s8); the kernel subtracts
+  products straight into int32 (no intermediate saturation); for them ``b`` must be
+  int8. When ``a`` has the other signedness its bytes are xor-ed with ``0x80``,
+  which adds ``off`` = +128 (s8 -> u8) or -128 (u8 -> s8); the kernel subtracts
   ``off * sum_k b[t, k, j]``, computed per task with the same instruction against a
-  word of ones. Sums are exact in int32 for ``K < 2**16``.
+  word of ones. AVX2 (no exact 8-bit instruction: ``vpmaddubsw`` saturates on
+  full-range codes) widens both operands to int16 and sums pairs with
+  ``vpmaddwd``: every 8-bit code fits, signed or not, no correction. Sums are
+  exact in int32 for ``K < 2**16``.
 * Shapes that are not whole vectors (``N % VL``) or words (``K % kv``) are packed
   with zero padding and written back with scalar stores in the last block.
 """
@@ -60,24 +64,30 @@ class ActMatmul:
 
 def mode_for(spec: ActMatmul, target) -> Mode | None:
     """The instruction for ``spec`` on ``target``, or None when there is none."""
-    if spec.b_dtype != "int8" or spec.a_dtype not in ("int8", "uint8") or spec.k >= _MAX_K:
+    codes = ("int8", "uint8")
+    if spec.a_dtype not in codes or spec.b_dtype not in codes or spec.k >= _MAX_K:
         return None
     if min(spec.batch, spec.m, spec.k, spec.n) < 1:
         return None
     feats = _isa.features(target)
-    if _isa.is_x86(target) and {"avx512f", "avx512bw", "avx512vnni"} <= feats:
+    if _isa.is_x86(target) and {"avx512f", "avx512bw", "avx512vnni"} <= feats and spec.b_dtype == "int8":
         return MODES["avx512-vnni"]
-    if _isa.is_aarch64(target) and {"neon", "dotprod"} <= feats:
+    if _isa.is_x86(target) and "avx2" in feats:
+        return MODES["avx2-wide"]  # int16 pairs: any 8-bit codes, b unsigned too
+    if _isa.is_aarch64(target) and {"neon", "dotprod"} <= feats and spec.b_dtype == "int8":
         return MODES["neon-sdot"]
     return None
 
 
 def default_knobs(spec: ActMatmul, mode: Mode) -> dict:
     """``J`` column vectors (two when they divide the blocks: enough tasks for two
-    threads on attention shapes) and as many rows ``R`` as the registers take."""
+    threads on attention shapes) and as many rows ``R`` as the registers take:
+    ``R * J`` accumulators, ``J`` operand vectors and a broadcast (16 ymm registers
+    on AVX2, 32 zmm / NEON; VNNI measured flat from R = 8 to 12)."""
     nb = -(-spec.n // mode.vl)
     j = 2 if nb % 2 == 0 else 1
-    r = min(spec.m, 12 if j == 2 else 16)
+    regs = 16 if mode.name.startswith("avx2") else 32
+    r = min(spec.m, 12 if j == 2 else 16, (regs - j - 2) // j)
     while (r + 1) // 2 * j * mode.vl * 4 >= 1024:  # each accumulator half under 1 KiB
         r -= 1
     return {"R": r, "J": j}

@@ -1,11 +1,13 @@
 """The activation x activation dot-product kernel (:mod:`soniq_tvm.schedules.cpu.actdot`).
 
-Bit-exact against numpy on the VNNI host for every code path of the kernel:
-signed ``a`` (the xor shift and its column-sum correction) and unsigned ``a`` (read
-as it is), whole vectors and words (shuffle packing, vector stores) and partial
-ones (``K % 4``, ``N % 16``: zero-padded packing, scalar stores), overlapping row
-tiles, one task or many, knobs at their limits. Cross-built for NEON and
-disassembled; refused where no instruction takes the operands exactly.
+Bit-exact against numpy for every code path of the kernel, on VNNI (this host,
+when it has it) and AVX2 (``vpmaddwd`` on int16 pairs): signed ``a`` (VNNI: the xor
+shift and its column-sum correction) and unsigned ``a`` (read as it is), unsigned
+``b`` (AVX2 only), whole vectors and words (shuffle packing, vector stores) and
+partial ones (``K % 4``, ``N % 16``: zero-padded packing, scalar stores), the
+widened copy of ``a`` (AVX2), overlapping row tiles, one task or many, knobs at
+their limits. Cross-built for NEON and disassembled; refused where no instruction
+takes the operands exactly.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from soniq_tvm.schedules.cpu import actdot  # noqa: E402
 from soniq_tvm.schedules.cpu.actdot import ActMatmul, act_matmul  # noqa: E402
 
 from test_cpu_crossbuild import CASCADELAKE, NEON, count  # noqa: E402
-from test_cpu_families import AVX2, HOST_T, needs_vnni  # noqa: E402
+from test_cpu_families import AVX2, HOST_T, needs_avx2, needs_vnni  # noqa: E402
 
 # (batch, m, k, n): attention's shapes, then the awkward ones
 SHAPES = [
@@ -38,9 +40,9 @@ def _codes(rng, dtype, shape):
     return rng.integers(info.min, int(info.max) + 1, shape).astype(dtype)
 
 
-def run(spec: ActMatmul, a, b, knobs=None):
-    func = act_matmul(spec, HOST_T, knobs)
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=HOST_T)
+def run(spec: ActMatmul, a, b, knobs=None, target=HOST_T):
+    func = act_matmul(spec, target, knobs)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     out = tvm.runtime.empty((spec.batch, spec.m, spec.n), "int32", tvm.cpu())
     lib["main"](tv.tensor(a), tv.tensor(b), out)
     return out.numpy()
@@ -56,6 +58,20 @@ def test_exact_full_range(shape, a_dtype):
     a, b = _codes(rng, a_dtype, (bt, m, k)), _codes(rng, "int8", (bt, k, n))
     a.flat[0], b.flat[0] = np.iinfo(a_dtype).min, -128
     np.testing.assert_array_equal(run(ActMatmul(bt, m, k, n, a_dtype, "int8"), a, b), actdot.reference(a, b))
+
+
+@needs_avx2
+@pytest.mark.parametrize("ab", [("int8", "int8"), ("uint8", "int8"), ("int8", "uint8"), ("uint8", "uint8")])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_avx2_exact_full_range(shape, ab):
+    """AVX2 has no exact 8-bit dot: int16 pairs (``vpmaddwd``), any signedness of either side."""
+    rng = np.random.default_rng(sum(shape) + 1)
+    bt, m, k, n = shape
+    a, b = _codes(rng, ab[0], (bt, m, k)), _codes(rng, ab[1], (bt, k, n))
+    a.flat[-1], b.flat[-1] = np.iinfo(ab[0]).max, np.iinfo(ab[1]).min
+    spec = ActMatmul(bt, m, k, n, *ab)
+    assert actdot.mode_for(spec, AVX2).name == "avx2-wide"
+    np.testing.assert_array_equal(run(spec, a, b, target=AVX2), actdot.reference(a, b))
 
 
 @needs_vnni
@@ -93,14 +109,26 @@ def test_default_knobs_fit_registers():
         assert (k["R"] + 1) // 2 * k["J"] * 16 * 4 < 1024
 
 
+def test_mode_per_target_and_operands():
+    vnni = tv.Target(CASCADELAKE)
+    spec = ActMatmul(1, 8, 8, 16, "int8", "int8")
+    assert actdot.mode_for(spec, vnni).name == "avx512-vnni"
+    assert actdot.mode_for(spec, AVX2).name == "avx2-wide"
+    assert actdot.mode_for(spec, tv.Target(NEON)).name == "neon-sdot"
+    # vpdpbusd needs a signed b: unsigned b on a VNNI target takes the int16 pairs
+    assert actdot.mode_for(ActMatmul(1, 8, 8, 16, "int8", "uint8"), vnni).name == "avx2-wide"
+
+
 def test_not_mine():
     """No instruction for the operands or the target: None, and the generic matmul stays."""
     vnni = tv.Target(CASCADELAKE)
-    assert act_matmul(ActMatmul(1, 8, 8, 16, "int8", "int8"), AVX2) is None     # no VNNI
-    assert act_matmul(ActMatmul(1, 8, 8, 16, "int8", "uint8"), vnni) is None    # b must be int8
+    spec = ActMatmul(1, 8, 8, 16, "int8", "int8")
+    assert act_matmul(spec, tv.Target({"kind": "llvm", "mcpu": "x86-64"})) is None  # SSE2 only
+    assert act_matmul(spec, tv.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})) is None
+    assert act_matmul(ActMatmul(1, 8, 8, 16, "uint8", "uint8"), tv.Target(NEON)) is None  # sdot: signed b
     assert act_matmul(ActMatmul(1, 8, 8, 16, "int16", "int8"), vnni) is None
     assert act_matmul(ActMatmul(1, 8, 1 << 16, 16, "uint8", "int8"), vnni) is None  # int32 could overflow
-    assert act_matmul(ActMatmul(1, 8, 8, 16, "int8", "int8"), tv.Target({"kind": "cuda"})) is None
+    assert act_matmul(spec, tv.Target({"kind": "cuda"})) is None
 
 
 def _asm(spec, target_dict):
@@ -113,6 +141,12 @@ def test_vnni_uses_vpdpbusd(a_dtype):
     asm = _asm(ActMatmul(2, 32, 64, 64, a_dtype, "int8"), CASCADELAKE)
     assert count(asm, "vpdpbusd") >= 8
     assert count(asm, "vpmulld") == 0
+
+
+def test_avx2_uses_vpmaddwd():
+    asm = _asm(ActMatmul(2, 32, 64, 64, "int8", "uint8"), {"kind": "llvm", "mcpu": "x86-64-v3"})
+    assert count(asm, "vpmaddwd") >= 8
+    assert count(asm, "vpmulld") == 0 and count(asm, "vpdpbusd") == 0
 
 
 @pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
