@@ -1,5 +1,7 @@
 """Bar chart of a benchmark run: latency of every peer and soniq variant as a
-multiple of ONNX Runtime INT8 on the same model (log scale, from the same run).
+multiple of ONNX Runtime INT8 on the same model (log scale, from the same run):
+the paired ratio (interleaved rounds) where the run has one, else the ratio of
+medians (marked ``*``).
 
     python -m benchmarks.plot [benchmarks/results.json] [-o benchmarks/results.png]
 
@@ -18,13 +20,16 @@ HERE = Path(__file__).resolve().parent
 
 
 def ratios(rows: list[dict]) -> dict[str, list[tuple[str, float]]]:
-    """model -> [(variant, x ORT INT8)] for the rows that were timed."""
+    """model -> [(variant, x ORT INT8)] for the rows that were timed: the paired
+    ratio, or the ratio of medians with ``*`` after the variant's name."""
     out: dict[str, list[tuple[str, float]]] = {}
     for r in rows:
-        ratio = r.get("ratio_ort_int8")
-        if ratio is None or not r.get("timing"):
+        if not r.get("timing"):
             continue
-        out.setdefault(r["model"], []).append((r["variant"], float(ratio)))
+        if r.get("paired_ort_int8") is not None:
+            out.setdefault(r["model"], []).append((r["variant"], float(r["paired_ort_int8"])))
+        elif r.get("ratio_ort_int8") is not None:
+            out.setdefault(r["model"], []).append((r["variant"] + " *", float(r["ratio_ort_int8"])))
     return out
 
 
@@ -52,7 +57,7 @@ def plot(results: dict, out: Path) -> Path:
         ax.set_title(model)
         ax.set_xlabel("latency / ORT INT8 (lower is faster)")
     machine = results.get("machine", {})
-    fig.suptitle(f"batch 1, 2 threads, medians; {machine.get('cpu_model', '')} "
+    fig.suptitle(f"batch 1, 2 threads; paired ratios (* ratio of medians); {machine.get('cpu_model', '')} "
                  f"{machine.get('date', '')}".strip(), fontsize=9)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)

@@ -27,7 +27,7 @@ from typing import Callable
 
 from . import models, peers
 from .soniq_rows import BuildBudget, SoniqContext, soniq_variants
-from .table import ORT_FP32, ORT_INT8, Row, failure, fill_ratios, format_markdown, format_table
+from .table import ORT_FP32, ORT_INT8, Row, failure, fill_paired, fill_ratios, format_markdown, format_table
 from .timing import measure
 
 PEERS = ("torch", "ort_fp32", "tvm_fp32", "ort_int8", "soniq")
@@ -63,7 +63,7 @@ def _timed_row(
                         f"> budget {skip_over_s:.0f} s")
                 return Row(model, variant, None, agree, run.build_s, note)
         timing = measure(run.fn, repeats, warmup, budget_s)
-        return Row(model, variant, timing, agree, run.build_s)
+        return Row(model, variant, timing, agree, run.build_s, fn=run.fn)
     except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the run
         return Row(model, variant, note=f"n/a: {failure(exc)}")
     finally:
@@ -116,6 +116,9 @@ def bench_model(name: str, args, workdir: Path, soniq_budget: BuildBudget,
         for row in soniq_variants(name, ctx):
             row.model = label
             add(row)
+    fill_paired(rows, args.pair_rounds, args.pair_per_round, log)
+    for row in rows:
+        row.fn = None  # let the sessions and modules go
     return rows
 
 
@@ -186,6 +189,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where annotated soniq exports are kept between runs (default benchmarks/.cache)")
     p.add_argument("--no-cache", dest="cache_dir", action="store_const", const=None,
                    help="export the soniq variants afresh into the work dir")
+    p.add_argument("--pair-rounds", type=int, default=15,
+                   help="interleaved rounds of each row against ORT INT8 for the paired ratio (0: none; default 15)")
+    p.add_argument("--pair-per-round", type=int, default=7,
+                   help="calls of each side per paired round (default 7)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results.json"), help="JSON results file")
     p.add_argument("--workdir", type=Path, default=None, help="where ONNX files go (default: a temp dir)")
     args = p.parse_args(argv)

@@ -1,7 +1,9 @@
 """One row per (model, variant), and the side-by-side table printed by ``run``.
 
 Ratios are latency ratios, ``variant median / peer median``: below 1 the
-variant is faster than the peer, above 1 slower. A row that could not run
+variant is faster than the peer, above 1 slower. ``x ORT INT8 paired`` is the
+same ratio against ORT INT8 taken from interleaved rounds
+(:func:`benchmarks.timing.paired_ratio`), which a drifting machine does not skew. A row that could not run
 carries ``timing=None`` and a ``note`` saying why; it prints as ``n/a``.
 """
 from __future__ import annotations
@@ -27,9 +29,13 @@ class Row:
     note: str = ""
     ratio_ort_int8: float | None = None
     ratio_ort_fp32: float | None = None
+    paired_ort_int8: float | None = None
+    paired_spread: tuple[float, float] | None = None  # p10, p90 of the per-round ratios
+    fn: object = dataclasses.field(default=None, repr=False, compare=False)  # one timed call; not saved
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "fn"}
+        d["paired_spread"] = list(self.paired_spread) if self.paired_spread else None  # as JSON reads it back
         d["timing"] = self.timing.to_dict() if self.timing else None
         d["agreement"] = self.agreement.to_dict() if self.agreement else None
         return d
@@ -63,7 +69,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(rows: list[Row]) -> str:
     header = (
         "model", "variant", "median ms", "p10 ms", "p90 ms", "runs",
-        "x ORT INT8", "x ORT fp32", "agreement (vs reference)", "note",
+        "x ORT INT8", "paired", "x ORT fp32", "agreement (vs reference)", "note",
     )
     lines = []
     for r in rows:
@@ -77,6 +83,7 @@ def format_table(rows: list[Row]) -> str:
             _fmt(t and t.p90_ms, ".3f"),
             _fmt(t and t.runs, "d"),
             _fmt(r.ratio_ort_int8, ".2f"),
+            _fmt(r.paired_ort_int8, ".2f"),
             _fmt(r.ratio_ort_fp32, ".2f"),
             str(r.agreement) if r.agreement else "",
             note,
@@ -94,14 +101,37 @@ def _md(text: str) -> str:
 
 def format_markdown(rows: list[Row]) -> str:
     """The same table as GitHub markdown (for RESULTS.md)."""
-    head = "| model | variant | median ms | p10–p90 ms | runs | x ORT INT8 | x ORT fp32 | agreement | note |"
-    out = [head, "|" + "---|" * 9]
+    head = ("| model | variant | median ms | p10–p90 ms | runs | x ORT INT8 | x ORT INT8 paired (p10–p90) "
+            "| x ORT fp32 | agreement | note |")
+    out = [head, "|" + "---|" * 10]
     for r in rows:
         t = r.timing
         spread = f"{t.p10_ms:.3f}–{t.p90_ms:.3f}" if t else "n/a"
+        paired = _fmt(r.paired_ort_int8, ".2f")
+        if r.paired_spread and r.variant != ORT_INT8:
+            paired += f" ({r.paired_spread[0]:.2f}–{r.paired_spread[1]:.2f})"
         out.append(
             f"| {r.model} | {r.variant} | {_fmt(t and t.median_ms, '.3f')} | {spread} | "
-            f"{_fmt(t and t.runs, 'd')} | {_fmt(r.ratio_ort_int8, '.2f')} | "
+            f"{_fmt(t and t.runs, 'd')} | {_fmt(r.ratio_ort_int8, '.2f')} | {paired} | "
             f"{_fmt(r.ratio_ort_fp32, '.2f')} | {_md(str(r.agreement or ''))} | {_md(r.note)} |"
         )
     return "\n".join(out)
+
+
+def fill_paired(rows: list[Row], rounds: int, per_round: int, log=None, max_ratio: float = 50.0) -> None:
+    """Set ``paired_ort_int8`` of every timed row of one model that kept its call
+    (``fn``), against that model's ORT INT8 row; rows over ``max_ratio`` times
+    slower (untuned TVM: seconds a call) are left out. ``rounds`` 0: nothing."""
+    from .timing import paired_ratio
+
+    ref = next((r for r in rows if r.variant == ORT_INT8 and r.fn is not None and r.timing), None)
+    if ref is None or rounds < 1:
+        return
+    ref.paired_ort_int8 = 1.0
+    for r in rows:
+        if r is ref or r.fn is None or r.timing is None or r.timing.median_ms > max_ratio * ref.timing.median_ms:
+            continue
+        med, p10, p90 = paired_ratio(r.fn, ref.fn, rounds, per_round)
+        r.paired_ort_int8, r.paired_spread = med, (p10, p90)
+        if log:
+            log(f"[{r.model}] {r.variant}: {med:.2f}x ORT INT8 paired (p10 {p10:.2f}, p90 {p90:.2f})")

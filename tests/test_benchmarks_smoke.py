@@ -49,10 +49,11 @@ def test_quick_run_prints_a_table_with_numbers(bench, tmp_path):
         assert t["runs"] == 5
         assert 0 < t["p10_ms"] <= t["median_ms"] <= t["p90_ms"] and math.isfinite(t["p90_ms"])
         assert r["ratio_ort_int8"] > 0 and r["ratio_ort_fp32"] > 0
+        assert r["paired_ort_int8"] > 0 and "fn" not in r
         assert r["agreement"] is not None
     for r in rows:
         if r["variant"] == "ORT INT8 QDQ":
-            assert r["ratio_ort_int8"] == pytest.approx(1.0)
+            assert r["ratio_ort_int8"] == pytest.approx(1.0) and r["paired_ort_int8"] == 1.0
             assert r["agreement"]["reference"] == "ORT_DISABLE_ALL, same QDQ file"
         else:  # fp32 peers follow the fp32 reference closely
             assert r["agreement"]["max_abs_diff"] < 1e-3
@@ -132,7 +133,34 @@ def test_plot_ratios_and_picture(tmp_path):
         {"model": "m", "variant": "soniq {2,8}", "timing": {"median_ms": 1.0}, "ratio_ort_int8": 0.5},
         {"model": "m", "variant": "broken", "timing": None, "ratio_ort_int8": None, "note": "n/a: x"},
     ]
-    assert plot.ratios(rows) == {"m": [("ORT INT8 QDQ", 1.0), ("soniq {2,8}", 0.5)]}
+    assert plot.ratios(rows) == {"m": [("ORT INT8 QDQ *", 1.0), ("soniq {2,8} *", 0.5)]}
+    rows[0]["paired_ort_int8"], rows[1]["paired_ort_int8"] = 1.0, 0.45  # paired ratios win where present
+    assert plot.ratios(rows) == {"m": [("ORT INT8 QDQ", 1.0), ("soniq {2,8}", 0.45)]}
     pytest.importorskip("matplotlib")
     out = plot.plot({"rows": rows, "machine": {"cpu_model": "test", "date": "today"}}, tmp_path / "r.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_ratio_interleaves_and_measures():
+    from benchmarks.timing import paired_ratio
+
+    calls = []
+
+    def work(n):
+        def f():
+            calls.append(n)
+            x = 0
+            for i in range(n):
+                x += i
+            return x
+        return f
+
+    med, p10, p90 = paired_ratio(work(40_000), work(20_000), rounds=6, per_round=3, warm=1, settle_s=0.001)
+    assert 1.3 < med < 3.5 and p10 <= med <= p90
+    # rounds of (1 warm-up + 3 timed) per side, the first side alternating
+    assert len(calls) == 6 * 2 * 4
+    firsts = [calls[8 * r] for r in range(6)]
+    assert firsts == [40_000, 20_000] * 3
+    assert all(len(set(calls[8 * r + 4 * h: 8 * r + 4 * h + 4])) == 1 for r in range(6) for h in range(2))
+    with pytest.raises(ValueError, match="rounds"):
+        paired_ratio(work(1), work(1), rounds=0)
