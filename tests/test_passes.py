@@ -225,17 +225,19 @@ def test_act_matmuls_kept_with_a_forced_family():
 
 @pytest.mark.skipif("avx2" not in __import__("soniq_tvm.schedules.cpu._isa", fromlist=["x"]).host_features(),
                     reason="host has no AVX2")
-def test_act_matmul_kernels_change_no_number():
-    """The whole transformer with its attention on the host's dot-product kernels
-    (VNNI or AVX2) gives bit for bit the output of the reference build (int8-ref
-    kernels, generic int32 matmuls)."""
+@pytest.mark.parametrize("target", ["llvm", "llvm -mcpu=x86-64-v3"], ids=["host", "avx2"])
+def test_act_matmul_kernels_change_no_number(target):
+    """The whole transformer with its attention on dot-product kernels (the host's:
+    VNNI or AVX2; and AVX2's int16 pairs) gives bit for bit the output of the
+    reference build (int8-ref kernels, generic int32 matmuls)."""
     import soniq_tvm
     from soniq_tvm import models
 
     proto = models.example_transformer()
-    fast = soniq_tvm.compile(proto)
-    ref = soniq_tvm.compile(proto, family="int8-ref")
+    fast = soniq_tvm.compile(proto, target=target)
+    ref = soniq_tvm.compile(proto, target=target, family="int8-ref")
     assert any("activation x activation" in n for n in fast.plan.notes)
+    assert not any("activation x activation" in n for n in ref.plan.notes)
     for seed in range(3):
         inputs = models.example_inputs(proto, seed=seed)
         np.testing.assert_array_equal(fast.run(inputs)[0], ref.run(inputs)[0])
