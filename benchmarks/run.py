@@ -28,13 +28,12 @@ from typing import Callable
 from . import models, peers
 from .soniq_rows import BuildBudget, SoniqContext, soniq_variants
 from .table import ORT_FP32, ORT_INT8, Row, failure, fill_paired, fill_ratios, format_markdown, format_table
-from .timing import measure
+from .timing import measure, settle
 
 PEERS = ("torch", "ort_fp32", "tvm_fp32", "ort_int8", "soniq")
 CALIBRATION_SAMPLES = 8
 INPUT_SEED = 1
 CALIBRATION_SEED = 100
-SETTLE_S = 0.2  # idle time between peers, so one runtime's spinning threads do not tax the next
 
 
 def _timed_row(
@@ -62,12 +61,13 @@ def _timed_row(
                 note = (f"timing skipped: compile {run.build_s:.1f} s + first run {first_s:.1f} s "
                         f"> budget {skip_over_s:.0f} s")
                 return Row(model, variant, None, agree, run.build_s, note)
+        settle()  # after the reference run, as between peers
         timing = measure(run.fn, repeats, warmup, budget_s)
         return Row(model, variant, timing, agree, run.build_s, fn=run.fn)
     except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the run
         return Row(model, variant, note=f"n/a: {failure(exc)}")
     finally:
-        time.sleep(SETTLE_S)
+        settle()
 
 
 def bench_model(name: str, args, workdir: Path, soniq_budget: BuildBudget,

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import peers
 from .table import Row, failure
-from .timing import measure
+from .timing import measure, settle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +165,7 @@ def _one_variant(model_name: str, variant: SoniqVariant, ctx: SoniqContext, comp
     outputs = [np.asarray(o) for o in compiled.run(ctx.inputs)]
     reference = peers.ort_reference(path, ctx.inputs).outputs
     agree = peers.agreement(outputs, reference, "ORT_DISABLE_ALL, same file", peers.output_step(path))
+    settle()  # the reference session's ORT threads stop spinning before soniq is timed
     call = lambda: compiled.run(ctx.inputs)  # noqa: E731
     timing = measure(call, ctx.repeats, ctx.warmup, ctx.budget_s)
     return Row(model_name, variant.name, timing, agree, build_s, fn=call)

@@ -62,14 +62,23 @@ def measure(
     return Timing(float(med), float(p10), float(p90), len(samples))
 
 
+# idle seconds between two runtimes: a thread pool keeps spinning after its last
+# call (TVM's for over 50 ms), and a runtime timed inside that window shares the two
+# cores with it (ORT INT8's GEMV ran 3x slower; 0.2 s was always enough)
+SETTLE_S = 0.25
+
+
+def settle() -> None:
+    time.sleep(SETTLE_S)
+
+
 def paired_ratio(fn: Callable[[], object], ref_fn: Callable[[], object], rounds: int = 15,
-                 per_round: int = 7, warm: int = 2, settle_s: float = 0.25) -> tuple[float, float, float]:
+                 per_round: int = 7, warm: int = 2, settle_s: float = SETTLE_S) -> tuple[float, float, float]:
     """Median, p10 and p90 over ``rounds`` of (median time of ``fn``) / (median time
     of ``ref_fn``). Each round runs both sides, the first of the two alternating;
-    a side is ``settle_s`` of sleep (the other runtime's thread pool stops spinning:
-    TVM's workers spin for over 50 ms after a call, and ORT INT8 timed inside that
-    window ran 3x slower on the 4096^2 GEMV; 0.2 s was enough), ``warm`` untimed
-    calls (its own pool wakes up) and ``per_round`` timed calls."""
+    a side is ``settle_s`` of sleep (the other runtime's thread pool stops spinning,
+    see :data:`SETTLE_S`), ``warm`` untimed calls (its own pool wakes up) and
+    ``per_round`` timed calls."""
     if rounds < 1 or per_round < 1:
         raise ValueError(f"rounds and per_round must be >= 1, got {rounds}, {per_round}")
 
