@@ -132,7 +132,7 @@ class CompiledModule:
             self._names = [i["name"] for i in self.inputs]
             self._sig = [(tuple(i["shape"]), np.dtype(i["dtype"])) for i in self.inputs]
             self._inbufs = [tvm.runtime.empty(shape, str(dt), dev) for shape, dt in self._sig]
-            self._inviews = [np.from_dlpack(b) for b in self._inbufs] if dev.dlpack_device_type() == 1 else None
+            self._inviews = _numpy_views(self._inbufs) if dev.dlpack_device_type() == 1 else None
         for i, arr in enumerate(self._given(args, kwargs)):
             if type(arr) is not np.ndarray:
                 arr = np.asarray(arr)
@@ -258,6 +258,16 @@ def _check_hardware(manifest: dict, file: str | None) -> None:
         if not tvm.cuda(0).exist:
             raise HardwareMismatchError("module was built for a CUDA GPU and none is visible here", file=file,
                                         hint="run it on a machine with an NVIDIA GPU and driver")
+
+
+def _numpy_views(buffers) -> list | None:
+    """Writable numpy views of CPU tensors (None when numpy cannot view one of
+    them through DLPack: the inputs are then copied with ``copyfrom``)."""
+    try:
+        views = [np.from_dlpack(b) for b in buffers]
+    except (TypeError, ValueError, BufferError, RuntimeError):
+        return None
+    return views if all(v.flags.writeable for v in views) else None
 
 
 def _to_numpy_list(result) -> list[np.ndarray]:
