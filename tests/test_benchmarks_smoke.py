@@ -164,3 +164,35 @@ def test_paired_ratio_interleaves_and_measures():
     assert all(len(set(calls[8 * r + 4 * h: 8 * r + 4 * h + 4])) == 1 for r in range(6) for h in range(2))
     with pytest.raises(ValueError, match="rounds"):
         paired_ratio(work(1), work(1), rounds=0)
+
+
+def test_fill_paired_pairs_timed_rows_and_skips_the_rest(bench):
+    from benchmarks.table import ORT_INT8, Row, fill_paired
+    from benchmarks.timing import Timing
+
+    def work(n):
+        return lambda: sum(range(n))
+
+    def timed(variant, ms, fn):
+        return Row("m", variant, Timing(ms, ms, ms, 5), fn=fn)
+
+    rows = [
+        timed(ORT_INT8, 1.0, work(20_000)),
+        timed("soniq {2,8}", 2.0, work(40_000)),
+        timed("TVM fp32 (untuned)", 60.0, work(40_000)),  # over 50x ORT INT8: not paired
+        Row("m", "broken", note="n/a: x", fn=work(1)),  # no timing: not paired
+        timed("no call", 1.0, None),  # no fn: not paired
+    ]
+    logged = []
+    fill_paired(rows, rounds=3, per_round=2, log=logged.append)
+    ref, soniq, tvm, broken, no_call = rows
+    assert ref.paired_ort_int8 == 1.0
+    assert soniq.paired_ort_int8 > 0 and soniq.paired_spread[0] <= soniq.paired_ort_int8 <= soniq.paired_spread[1]
+    assert tvm.paired_ort_int8 is None and broken.paired_ort_int8 is None and no_call.paired_ort_int8 is None
+    assert len(logged) == 1 and "soniq {2,8}" in logged[0] and "paired" in logged[0]
+    d = soniq.to_dict()
+    assert "fn" not in d and d["paired_spread"] == list(soniq.paired_spread)
+
+    fresh = [timed(ORT_INT8, 1.0, work(10)), timed("soniq {2,8}", 2.0, work(10))]
+    fill_paired(fresh, rounds=0, per_round=7)  # --pair-rounds 0: pairing off
+    assert all(r.paired_ort_int8 is None for r in fresh)
