@@ -8,7 +8,8 @@
     5  permute      channel gathers folded into their producers  (fold_permutations)
     6  pack         a kernel family per group, weights packed     (pack_weights)
     7  act_matmul   activation x activation matmuls onto dot-product kernels (lower_act_matmul)
-    8  cleanup      dead code elimination
+    8  pool_codes   quantize(max_pool(x)) -> max_pool(quantize(x)): pool the codes (quantize_before_pool)
+    9  cleanup      dead code elimination
 
 ``dump_dir`` writes the IR after every phase (``NN-name.py``), so anyone can see,
 diff and reorder the flow. Building (``tvm.compile``) is the caller's step.
@@ -25,11 +26,13 @@ from .fold_permutations import FoldPermutations, count_gathers
 from .fold_qdq import FoldQDQ, WeightInfo
 from .lower_act_matmul import LowerActMatmul
 from .pack_weights import PackWeights
+from .quantize_before_pool import QuantizeBeforePool
 from .split_groups import SplitChannelGroups
 
 __all__ = ["run_pipeline", "PipelineResult", "WeightInfo", "import_onnx", "PHASES"]
 
-PHASES = ("import", "canonicalize", "fold_qdq", "bind", "split", "permute", "pack", "act_matmul", "cleanup")
+PHASES = ("import", "canonicalize", "fold_qdq", "bind", "split", "permute", "pack", "act_matmul", "pool_codes",
+          "cleanup")
 
 
 @dataclass
@@ -98,7 +101,7 @@ def act_kernels(mod) -> list[str]:
 def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
                  dump_dir: str | None = None, stop_after: str | None = None, tuned=None,
                  split: str = "auto") -> PipelineResult:
-    """Run phases 0-8 on an ONNX ModelProto (int4 initializers already widened),
+    """Run phases 0-9 on an ONNX ModelProto (int4 initializers already widened),
     or up to and including ``stop_after`` (one of :data:`PHASES`). ``tuned``: a
     :class:`soniq_tvm.tuning.TunedSchedules`; the pack phase takes its
     (family, knobs) for the kernels it has records of. ``split``: "auto" keeps a
@@ -123,6 +126,7 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
         ("permute", FoldPermutations),
         ("pack", PackWeights(target, force=family, knobs_for=tuned.knobs_for if tuned is not None else None)),
         ("act_matmul", LowerActMatmul(target, force=family)),
+        ("pool_codes", QuantizeBeforePool),
         ("cleanup", tv.relax.transform.DeadCodeElimination()),
     ]
     for i, (name, p) in enumerate(steps, start=1):
