@@ -54,6 +54,32 @@ def test_bitserial_uses_vpopcntq_on_icelake(make):
     assert count(asm, "vpopcntq") > 0
 
 
+def test_pack_phase_gives_bitserial_zmm_vectors_on_icelake(rng):
+    """Compiled through the passes (not the family alone), an ICELAKE bit-serial
+    group gets the 512-bit knobs and its kernel popcounts zmm registers; on AVX2
+    it keeps 256-bit vectors."""
+    from soniq_tvm.compiler import prepare
+    from soniq_tvm.passes._common import soniq_call
+
+    from tests.helpers import conv_case
+
+    case = conv_case(rng, 64, 32, [1] * 64, [1] * 64, hw=(8, 30))
+    for target, vl, reg in ((ICELAKE, 8, "zmm"), (AVX2, 4, "ymm")):
+        mod = prepare(case.model, target, family="cpu-bitserial")[0].mod
+        found = []
+        tv.relax.analysis.post_order_visit(mod["main"].body, lambda e: found.append(soniq_call(e, mod)) if
+                                           soniq_call(e, mod) else None)
+        (op, _), = found
+        assert op.family == "cpu-bitserial" and op.knobs["vl"] == vl, op.knobs
+        asm = asm_of("cpu-bitserial", op, target)
+        popcnt = [line for line in asm.splitlines() if re.match(r"\s+vpopcntq\b", line)]
+        if target is ICELAKE:
+            wide = [line for line in popcnt if reg in line]  # the rest: the bipolar per-pixel sum
+            assert len(wide) >= len(popcnt) / 2 and wide
+        else:
+            assert not popcnt  # AVX2: the vpshufb nibble table
+
+
 @pytest.mark.parametrize("make", [conv, matmul])
 def test_neon_uses_sdot(make):
     asm = asm_of("arm-neon-sdot", make(8, 8), NEON)

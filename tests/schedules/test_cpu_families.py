@@ -168,6 +168,37 @@ def test_bitserial_conv(name, kw, wb, ab, signed):
     check("cpu-bitserial", make_op("conv2d", wb, ab, a_signed=signed, **dict(kw)), AVX2)
 
 
+needs_vpopcntdq = pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vpopcntdq"} <= HOST,
+                                     reason="host has no AVX512-VPOPCNTDQ")
+
+
+@needs_vpopcntdq
+@pytest.mark.parametrize("name,kw", CONV_CASES + [("wide-c70", dict(x=(1, 70, 3, 30), w=(24, 70, 3, 3),
+                                                                     padding=(1, 1, 1, 1)))],
+                         ids=[c[0] for c in CONV_CASES] + ["wide-c70"])
+@pytest.mark.parametrize("wb,ab,signed", [(1, 1, True), (2, 3, False)])
+def test_bitserial_zmm_target_knobs_exact(name, kw, wb, ab, signed):
+    """The knobs the pack phase sets on a VPOPCNTDQ target (512-bit vectors, small
+    tiles) compute exactly what the reference does."""
+    fam = registry.get("cpu-bitserial")
+    op = make_op("conv2d", wb, ab, a_signed=signed, **dict(kw))
+    knobs = fam.target_knobs(op, HOST_T)
+    assert knobs["vl"] == 8 and knobs["R"] <= 4 and knobs["J"] in (1, 2)
+    check("cpu-bitserial", op.with_(knobs=knobs), HOST_T)
+
+
+def test_bitserial_target_knobs_only_with_vpopcntdq():
+    fam = registry.get("cpu-bitserial")
+    op = make_op("conv2d", 1, 1, x=(1, 64, 28, 28), w=(64, 64, 3, 3), padding=(1, 1, 1, 1))
+    assert fam.target_knobs(op, AVX2) == {}
+    icelake = tv.Target({"kind": "llvm", "mcpu": "icelake-server"})
+    assert fam.target_knobs(op, icelake) == {"vl": 8, "R": 4, "J": 2}
+    narrow = make_op("conv2d", 1, 1, x=(1, 64, 7, 7), w=(64, 64, 3, 3), padding=(1, 1, 1, 1))
+    assert fam.target_knobs(narrow, icelake) == {"vl": 8, "R": 4, "J": 1}
+    gemv = make_op("matmul", 1, 1, x=(1, 256), w=(256, 24))
+    assert fam.target_knobs(gemv, icelake) == {"vl": 8, "R": 1, "J": 1}
+
+
 @needs_avx2
 def test_bitserial_unsigned_weights_and_multiword():
     check("cpu-bitserial", make_op("conv2d", 2, 3, w_signed=False, x=(1, 130, 4, 4), w=(5, 130, 3, 3),
