@@ -22,6 +22,14 @@ is the int8-dot one: ``R`` pixels x ``J`` vectors of output channels, parallel
 over (n, group, output row, channel tile). LLVM lowers the vector popcount to
 ``vpopcntq`` (AVX512-VPOPCNTDQ), a ``vpshufb`` nibble table (AVX2) or ``cnt`` +
 pairwise adds (NEON).
+
+**Pixel lanes** (knob ``lanes="px"``, the default on AVX512-VPOPCNTDQ for stride-1
+convs at least 8 wide): a vector holds the activation words of 8 adjacent output
+pixels (one load from ``xb``, whose pixels are innermost) and is ANDed with one
+broadcast weight word per output channel (``vpandq mem{1to8}``); a task owns ``C``
+output channels (the weights' last axis is then ``C`` instead of ``VL``), and the
+write-back is one vector store per channel and 8 pixels instead of scalar stores.
+The last tile of a row overlaps the one before it, as in the channel-lane tile.
 """
 from __future__ import annotations
 
@@ -57,8 +65,10 @@ def act_offset(op: QOp) -> int:
 class BitSerialFamily:
     """Bit-serial popcount kernels (any LLVM CPU target; fastest with vpopcntq).
 
-    Knobs: ``vl`` uint64 lanes per vector (2, 4, 8: 128/256/512-bit), ``R`` pixels
-    per tile, ``J`` vectors of output channels per tile.
+    Knobs: ``lanes`` (``"oc"`` channel lanes, the default, or ``"px"`` pixel lanes
+    with ``C`` output channels per task); for channel lanes ``vl`` uint64 lanes per
+    vector (2, 4, 8: 128/256/512-bit), ``R`` pixels per tile, ``J`` vectors of
+    output channels per tile.
     """
 
     name = "cpu-bitserial"
@@ -68,7 +78,16 @@ class BitSerialFamily:
         """uint64 lanes per vector: a knob (``vl``, default 4 = 256 bits) rather than a
         target property, because ``pack`` sees only the op (the pack phase sets it from
         :meth:`target_knobs`)."""
-        return int((op.knobs or {}).get("vl", 4))
+        k = op.knobs or {}
+        if k.get("lanes") == "px":
+            return int(k.get("C", 8))  # pixel lanes: the weight layout's last axis is C channels
+        return int(k.get("vl", 4))
+
+    @staticmethod
+    def _px_ok(op: QOp) -> bool:
+        """Pixel lanes need a stride-1 conv at least one vector (8 pixels) wide."""
+        g = Geometry.of(op)
+        return not g.matmul and g.strides[1] == 1 and g.ow >= 8
 
     @staticmethod
     def _zmm(target) -> bool:
@@ -79,14 +98,19 @@ class BitSerialFamily:
 
     def target_knobs(self, op: QOp, target) -> dict:
         """Knobs the target decides, set by the pack phase before packing (a tuned or
-        given knob wins). With AVX512-VPOPCNTDQ: 512-bit vectors (``vpopcntq zmm``)
-        and small tiles: R = 4 pixels by J = 2 channel vectors on images at least 28
-        wide, J = 1 below. On ResNet-18's 3x3 shapes at 1x1 and 2x2 bits this ran
-        1.3-2.2x faster than 256-bit vectors, and J = 1 beat larger tiles on the
-        14- and 7-wide stages (benchmarks.kernels-style interleaved timings)."""
+        given knob wins). With AVX512-VPOPCNTDQ: 512-bit vectors (``vpopcntq zmm``).
+        Stride-1 convs at least 8 wide take **pixel lanes** (``lanes="px"``: a
+        vector holds the activation words of 8 output pixels, ANDed with one
+        broadcast weight word per output channel; ``C = 8`` channels per task, and
+        the write-back is one vector store per channel and 8 pixels); the rest take
+        channel lanes with small tiles (R = 4 pixels by J = 2 vectors of 8 channels
+        on images at least 28 wide, J = 1 below), which ran 1.3-2.2x faster than
+        256-bit vectors on ResNet-18's 3x3 shapes at 1x1 and 2x2 bits."""
         if not self._zmm(target):
             return {}
         g = Geometry.of(op)
+        if self._px_ok(op):
+            return {"lanes": "px", "C": 8}
         ob = math.ceil(g.og / 8)
         j = 2 if g.ow >= 28 and ob % 2 == 0 else 1
         return {"vl": 8, "R": min(4, g.ow), "J": j}
@@ -119,7 +143,7 @@ class BitSerialFamily:
         if not self.accepts(op, target):
             return None
         g = Geometry.of(op)
-        vl = int((op.knobs or {}).get("vl", self.target_knobs(op, target).get("vl", 4)))
+        vl = self._lanes(op.with_(knobs=op.knobs or self.target_knobs(op, target)))
         ogp = math.ceil(g.og / vl) * vl
         cwp = math.ceil(g.cg / 64) * 64
         bitmacs = g.n * g.groups * ogp * g.oh * g.ow * g.kh * g.kw * cwp * op.a_bit * len(weight_planes(op))
@@ -136,12 +160,21 @@ class BitSerialFamily:
     def knob_space(self, op: QOp, target=None) -> dict[str, list]:
         g = Geometry.of(op)
         lay = self.layout(op)
-        return {"vl": [2, 4, 8], "R": [r for r in range(1, 9) if r <= g.ow and r * lay["vl"] * 8 < 1024],
-                "J": [j for j in _divisors(lay["ob"]) if j <= 8 and j * lay["vl"] * 8 < 1024]}
+        space = {"vl": [2, 4, 8], "R": [r for r in range(1, 9) if r <= g.ow and r * lay["vl"] * 8 < 1024],
+                 "J": [j for j in _divisors(lay["ob"]) if j <= 8 and j * lay["vl"] * 8 < 1024]}
+        if self._px_ok(op):
+            space.update(lanes=["oc", "px"], C=[4, 8, 12])
+        return space
 
     def knobs(self, op: QOp) -> dict:
         g = Geometry.of(op)
         lay = self.layout(op)
+        if (op.knobs or {}).get("lanes") == "px":
+            c = lay["vl"]
+            if not self._px_ok(op) or not 1 <= c <= 15:
+                raise ValueError(f"{self.name}: pixel lanes need a stride-1 conv at least 8 wide and 1 <= C <= 15 "
+                                 f"channels per task, not C={c} on {op.layer} (stride {g.strides}, ow={g.ow})")
+            return {"lanes": "px", "C": c, "R": 8, "J": 1}
         regs = 32 if lay["vl"] == 8 else 16
         best = None
         for j in (j for j in _divisors(lay["ob"]) if j <= 8):

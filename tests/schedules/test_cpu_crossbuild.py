@@ -57,13 +57,13 @@ def test_bitserial_uses_vpopcntq_on_icelake(make):
 def test_pack_phase_gives_bitserial_zmm_vectors_on_icelake(rng):
     """Compiled through the passes (not the family alone), an ICELAKE bit-serial
     group gets the 512-bit knobs and its kernel popcounts zmm registers; on AVX2
-    it keeps 256-bit vectors."""
+    it keeps 256-bit vectors. (A strided conv: channel lanes.)"""
     from soniq_tvm.compiler import prepare
     from soniq_tvm.passes._common import soniq_call
 
     from tests.helpers import conv_case
 
-    case = conv_case(rng, 64, 32, [1] * 64, [1] * 64, hw=(8, 30))
+    case = conv_case(rng, 64, 32, [1] * 64, [1] * 64, hw=(8, 30), stride=2)
     for target, vl, reg in ((ICELAKE, 8, "zmm"), (AVX2, 4, "ymm")):
         mod = prepare(case.model, target, family="cpu-bitserial")[0].mod
         found = []
@@ -78,6 +78,18 @@ def test_pack_phase_gives_bitserial_zmm_vectors_on_icelake(rng):
             assert len(wide) >= len(popcnt) / 2 and wide
         else:
             assert not popcnt  # AVX2: the vpshufb nibble table
+
+
+def test_pixel_lanes_on_icelake_broadcast_weights_into_vpandq():
+    """Pixel lanes: the weight word is an embedded broadcast of vpandq ({1to8}),
+    the popcount is zmm, and the write-back stores whole vectors (no scalar
+    32-bit stores per output)."""
+    op = QOp("conv2d", "x", (1, 64, 10, 24), (16, 64, 3, 3), (1,) * 64, (1,) * 64, padding=(1, 1, 1, 1),
+             knobs={"lanes": "px", "C": 8})
+    asm = asm_of("cpu-bitserial", op, ICELAKE)
+    assert re.search(r"vpandq\s+[^\n]*\{1to8\}", asm)
+    assert count(asm, "vpopcntq") > 0 and all("zmm" in l for l in asm.splitlines() if re.match(r"\s+vpopcntq\b", l))
+    assert count(asm, "vpmovqd") > 0  # int64 lanes narrowed to int32 for the vector store
 
 
 @pytest.mark.parametrize("make", [conv, matmul])

@@ -183,8 +183,48 @@ def test_bitserial_zmm_target_knobs_exact(name, kw, wb, ab, signed):
     fam = registry.get("cpu-bitserial")
     op = make_op("conv2d", wb, ab, a_signed=signed, **dict(kw))
     knobs = fam.target_knobs(op, HOST_T)
-    assert knobs["vl"] == 8 and knobs["R"] <= 4 and knobs["J"] in (1, 2)
+    if knobs.get("lanes") == "px":
+        assert knobs == {"lanes": "px", "C": 8}
+    else:
+        assert knobs["vl"] == 8 and knobs["R"] <= 4 and knobs["J"] in (1, 2)
     check("cpu-bitserial", op.with_(knobs=knobs), HOST_T)
+
+
+PX_CASES = [  # stride-1 convs at least 8 wide: pixel lanes apply
+    ("3x3-pad-w11", dict(x=(1, 13, 9, 11), w=(19, 13, 3, 3), padding=(1, 1, 1, 1))),
+    ("batch2-c70-w16", dict(x=(2, 70, 5, 16), w=(9, 70, 3, 3))),
+    ("1x1-c130", dict(x=(1, 130, 3, 9), w=(5, 130, 1, 1))),
+    ("dilated-asym", dict(x=(1, 8, 9, 12), w=(12, 8, 3, 3), dilation=(2, 1), padding=(2, 1, 1, 0))),
+    ("groups2", dict(x=(1, 16, 9, 9), w=(16, 8, 3, 3), groups=2, padding=(1, 1, 1, 1))),
+    ("strided-rows", dict(x=(1, 6, 11, 10), w=(7, 6, 3, 3), strides=(2, 1), padding=(1, 1, 1, 1))),
+]
+
+
+@needs_avx2
+@pytest.mark.parametrize("name,kw", PX_CASES, ids=[c[0] for c in PX_CASES])
+@pytest.mark.parametrize("wb,ab,signed,c", [(1, 1, True, 8), (2, 2, False, 8), (1, 2, False, 5), (3, 4, True, 12)])
+def test_bitserial_pixel_lanes_exact(name, kw, wb, ab, signed, c):
+    """Pixel lanes (8 output pixels per vector, C channels per task, a channel
+    tail when C does not divide them) against the reference, worst-case codes too;
+    built for AVX2 (the nibble-table popcount) so that it runs on any CI machine."""
+    op = make_op("conv2d", wb, ab, a_signed=signed, **dict(kw)).with_(knobs={"lanes": "px", "C": c})
+    assert registry.get("cpu-bitserial").knobs(op) == {"lanes": "px", "C": c, "R": 8, "J": 1}
+    check("cpu-bitserial", op, AVX2)
+    check("cpu-bitserial", op, AVX2, seed=1, worst=True)
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(x=(1, 8, 9, 7), w=(4, 8, 3, 3), padding=(1, 1, 1, 1)), "at least 8 wide"),
+    (dict(x=(1, 8, 9, 20), w=(4, 8, 3, 3), strides=(1, 2)), "stride-1"),
+])
+def test_bitserial_pixel_lanes_refused_where_they_cannot_run(kw, why):
+    fam = registry.get("cpu-bitserial")
+    op = make_op("conv2d", 1, 1, **kw).with_(knobs={"lanes": "px", "C": 8})
+    with pytest.raises(ValueError, match=why):
+        fam.knobs(op)
+    assert fam.target_knobs(op.with_(knobs={}), tv.Target({"kind": "llvm", "mcpu": "icelake-server"}))["vl"] == 8
+    with pytest.raises(ValueError, match="C=16"):
+        fam.knobs(make_op("conv2d", 1, 1, x=(1, 8, 9, 9), w=(4, 8, 3, 3)).with_(knobs={"lanes": "px", "C": 16}))
 
 
 def test_bitserial_target_knobs_only_with_vpopcntdq():
@@ -192,7 +232,9 @@ def test_bitserial_target_knobs_only_with_vpopcntdq():
     op = make_op("conv2d", 1, 1, x=(1, 64, 28, 28), w=(64, 64, 3, 3), padding=(1, 1, 1, 1))
     assert fam.target_knobs(op, AVX2) == {}
     icelake = tv.Target({"kind": "llvm", "mcpu": "icelake-server"})
-    assert fam.target_knobs(op, icelake) == {"vl": 8, "R": 4, "J": 2}
+    assert fam.target_knobs(op, icelake) == {"lanes": "px", "C": 8}
+    strided = make_op("conv2d", 1, 1, x=(1, 64, 56, 56), w=(64, 64, 3, 3), strides=(2, 2), padding=(1, 1, 1, 1))
+    assert fam.target_knobs(strided, icelake) == {"vl": 8, "R": 4, "J": 2}
     narrow = make_op("conv2d", 1, 1, x=(1, 64, 7, 7), w=(64, 64, 3, 3), padding=(1, 1, 1, 1))
     assert fam.target_knobs(narrow, icelake) == {"vl": 8, "R": 4, "J": 1}
     gemv = make_op("matmul", 1, 1, x=(1, 256), w=(256, 24))
