@@ -352,7 +352,8 @@ def conv_section(rounds: int, log=print, pairs=((1, 4), (2, 4), (4, 4), (2, 8), 
         op = QOp("conv2d", "conv3x3", (1, 64, 56, 56), (64, 64, 3, 3), (wb,) * 64, (ab,) * 64, padding=(1, 1, 1, 1))
         for name, mcpu in runs:
             fam, target = registry.get(name), _target(mcpu)
-            o = op.with_(knobs={"vl": 8}) if name == "cpu-bitserial" and "avx512vpopcntdq" in hostf else op
+            tk = fam.target_knobs(op, target) if hasattr(fam, "target_knobs") else {}
+            o = op.with_(knobs=tk) if tk else op  # the knobs the compiler's pack phase would set
             if fam.cost(o, target) is None:
                 continue
             timer, exact, nbytes = _kernel_timer(fam, o, target, rng)
@@ -518,7 +519,7 @@ def main(argv=None) -> int:
     if "avxvnni" in hostf:
         runs.append(("x86-avxvnni-lowbit", host, {}))
     if {"avx512vpopcntdq", "avx512vl"} <= hostf:
-        runs.append(("cpu-bitserial", host, {"vl": 8}))
+        runs.append(("cpu-bitserial", host, "target"))  # the compiler's knobs there (pixel lanes, zmm)
     pairs = [(8, 8), (4, 4), (1, 1)] if args.quick else [(8, 8), (7, 8), (4, 8), (4, 4), (2, 2), (1, 2), (1, 1)]
     rng = np.random.default_rng(0)
     print(f"{'op':9} {'w,a':5} {'family':16} {'mode/isa':14} {'us':>9} {'GOP/s':>8} {'peak':>6} {'%peak':>6} "
@@ -534,10 +535,12 @@ def main(argv=None) -> int:
                 fam = registry.get(name)
                 if fam.cost(op, target) is None:
                     continue
+                if knobs == "target":
+                    knobs = fam.target_knobs(op, target)
                 o = op.with_(knobs=knobs) if knobs else op
                 t, exact = bench_family(fam, o, target, rng)
                 if name == "cpu-bitserial":
-                    isa = "avx512" if knobs.get("vl") == 8 else "avx2"
+                    isa = "avx512" if target is host else "avx2"
                     mode, unit = f"bitserial-{isa}", op.a_bit * len(weight_planes(op))
                 elif name.endswith("-lowbit"):
                     mode, unit = f"lowbit-{fam.mode.name}", 1
