@@ -352,8 +352,7 @@ def conv_section(rounds: int, log=print, pairs=((1, 4), (2, 4), (4, 4), (2, 8), 
         op = QOp("conv2d", "conv3x3", (1, 64, 56, 56), (64, 64, 3, 3), (wb,) * 64, (ab,) * 64, padding=(1, 1, 1, 1))
         for name, mcpu in runs:
             fam, target = registry.get(name), _target(mcpu)
-            tk = fam.target_knobs(op, target) if hasattr(fam, "target_knobs") else {}
-            o = op.with_(knobs=tk) if tk else op  # the knobs the compiler's pack phase would set
+            o = registry.with_target_knobs(fam, op, target)  # the knobs the compiler's pack phase sets
             if fam.cost(o, target) is None:
                 continue
             timer, exact, nbytes = _kernel_timer(fam, o, target, rng)
@@ -519,7 +518,7 @@ def main(argv=None) -> int:
     if "avxvnni" in hostf:
         runs.append(("x86-avxvnni-lowbit", host, {}))
     if {"avx512vpopcntdq", "avx512vl"} <= hostf:
-        runs.append(("cpu-bitserial", host, "target"))  # the compiler's knobs there (pixel lanes, zmm)
+        runs.append(("cpu-bitserial", host, {}))
     pairs = [(8, 8), (4, 4), (1, 1)] if args.quick else [(8, 8), (7, 8), (4, 8), (4, 4), (2, 2), (1, 2), (1, 1)]
     rng = np.random.default_rng(0)
     print(f"{'op':9} {'w,a':5} {'family':16} {'mode/isa':14} {'us':>9} {'GOP/s':>8} {'peak':>6} {'%peak':>6} "
@@ -535,9 +534,8 @@ def main(argv=None) -> int:
                 fam = registry.get(name)
                 if fam.cost(op, target) is None:
                     continue
-                if knobs == "target":
-                    knobs = fam.target_knobs(op, target)
-                o = op.with_(knobs=knobs) if knobs else op
+                # no knobs: those the compiler's pack phase sets for this target (e.g. pixel lanes, zmm)
+                o = registry.with_target_knobs(fam, op.with_(knobs=knobs) if knobs else op, target)
                 t, exact = bench_family(fam, o, target, rng)
                 if name == "cpu-bitserial":
                     isa = "avx512" if target is host else "avx2"

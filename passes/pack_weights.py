@@ -9,9 +9,9 @@ is repacked at run time. Non-soniq calls are left alone.
 ``knobs_for(op) -> (family name, knobs) | None`` (optional, from a tuning
 database: :class:`soniq_tvm.tuning.TunedSchedules`) overrides the choice and sets
 the family's knobs; ``None`` keeps the untuned choice. ``force`` wins over both.
-A family with a ``target_knobs(op, target)`` method (knobs that depend on the
-target, such as the bit-serial vector width) gets them set before packing; knobs
-already on the op (tuned) win.
+An op with no knobs gets the ones its family picks for the target
+(:func:`~soniq_tvm.schedules.registry.with_target_knobs`, e.g. the bit-serial
+vector width) before packing; tuned knobs are kept whole.
 """
 from __future__ import annotations
 
@@ -46,9 +46,7 @@ class _Packer(tv.PyExprMutator):
             family, op = registry.get(tuned[0]), op.with_(knobs=dict(tuned[1]))
         else:
             family = registry.get(self.force) if self.force else registry.select(op, self.target)
-        defaults = family.target_knobs(op, self.target) if hasattr(family, "target_knobs") else {}
-        if defaults:
-            op = op.with_(knobs={**defaults, **(op.knobs or {})})
+        op = registry.with_target_knobs(family, op, self.target)
         w = tv.const_value(args[1])
         return emit_qop(self.builder_, op, args[0], family.pack(w, op), family, self.target)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from soniq_tvm.qop import QOp
 
-__all__ = ["KernelFamily", "register", "families", "select", "get"]
+__all__ = ["KernelFamily", "register", "families", "select", "get", "with_target_knobs"]
 
 
 class KernelFamily(Protocol):
@@ -66,6 +66,18 @@ def select(op: QOp, target, exclude: Sequence[str] = ("int8-ref",)) -> KernelFam
             best, best_cost = fam, c
     assert best is not None, "the bitplane reference family accepts every uniform op"
     return best
+
+
+def with_target_knobs(family: KernelFamily, op: QOp, target) -> QOp:
+    """``op`` with the knobs ``family`` picks for ``target`` when it has none set
+    (an untuned op; a family may have a ``target_knobs(op, target)`` method, e.g.
+    the bit-serial vector width). Knobs already on the op, tuned or given, are
+    kept whole. The pack phase and the tuner both go through here, so the
+    default a tuner measures is the kernel the compiler builds."""
+    if op.knobs or not hasattr(family, "target_knobs"):
+        return op
+    knobs = family.target_knobs(op, target)
+    return op.with_(knobs=knobs) if knobs else op
 
 
 def _ensure_builtin() -> None:

@@ -146,9 +146,11 @@ class BitSerialFamily:
         if not self.accepts(op, target):
             return None
         g = Geometry.of(op)
-        knobs = op.knobs or self.target_knobs(op, target)
-        vl = self._lanes(op.with_(knobs=knobs))
-        px = knobs.get("lanes") == "px"
+        from ..registry import with_target_knobs
+
+        op = with_target_knobs(self, op, target)  # the kernel the pack phase would build
+        vl = self._lanes(op)
+        px = op.knobs.get("lanes") == "px"
         ogp = math.ceil(g.og / vl) * vl
         cwp = math.ceil(g.cg / 64) * 64
         bitmacs = g.n * g.groups * ogp * g.oh * g.ow * g.kh * g.kw * cwp * op.a_bit * len(weight_planes(op))

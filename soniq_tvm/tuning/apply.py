@@ -86,7 +86,7 @@ class TunedSchedules:
                 ok = fam.cost(op.with_(knobs=knobs), self.tvm_target) is not None
             except Exception:  # noqa: BLE001
                 ok = False
-            if not ok or _effective(fam, op, knobs) is None:
+            if not ok or _effective(fam, op, knobs, self.tvm_target) is None:
                 why = why or f"family {fam.name} no longer accepts this kernel with knobs {knobs}"
                 continue
             self._note_applied(key, where, "qop", rec, f"{fam.name} {knobs or '(default knobs)'}")

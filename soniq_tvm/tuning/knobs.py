@@ -44,9 +44,12 @@ def applicable_families(op, target) -> list:
     return [f for _c, f in sorted(fams, key=lambda cf: cf[0])]
 
 
-def _effective(fam, op, knobs: dict):
-    """The knobs the family really uses for ``knobs`` (None: invalid setting)."""
-    trial = op.with_(knobs=dict(knobs), family=fam.name)
+def _effective(fam, op, knobs: dict, target):
+    """The knobs the family really uses for ``knobs`` on ``target`` (None: invalid
+    setting); ``{}`` means the family's target defaults, as in the pack phase."""
+    from ..schedules.registry import with_target_knobs
+
+    trial = with_target_knobs(fam, op.with_(knobs=dict(knobs), family=fam.name), target)
     if hasattr(fam, "knobs"):
         try:
             eff = fam.knobs(trial)
@@ -73,7 +76,7 @@ def candidates(op, target, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     for fam in fams:
         seen = set()
-        eff = _effective(fam, op, {})
+        eff = _effective(fam, op, {}, target)
         base = {"family": fam.name, "knobs": {}}
         if fam.name == default_name:
             base["default"] = True
@@ -99,7 +102,7 @@ def candidates(op, target, seed: int = 0) -> list[dict]:
                     continue
             except Exception:  # noqa: BLE001
                 continue
-            eff = _effective(fam, op, knobs)
+            eff = _effective(fam, op, knobs, target)
             if eff is None or eff in seen:
                 continue
             seen.add(eff)
@@ -125,5 +128,6 @@ def build_candidate(op, candidate: dict, target):
     from ..schedules import registry
 
     fam = registry.get(candidate["family"])
-    func = fam.primfunc(op.with_(family=fam.name, knobs=dict(candidate.get("knobs", {}))), target)
+    opk = registry.with_target_knobs(fam, op.with_(family=fam.name, knobs=dict(candidate.get("knobs", {}))), target)
+    func = fam.primfunc(opk, target)
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})

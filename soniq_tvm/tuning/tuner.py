@@ -334,7 +334,7 @@ def _check_numerics(op, candidate: dict, target) -> str | None:
 
     rng = np.random.default_rng(0)
     fam = registry.get(candidate["family"])
-    opk = op.with_(family=fam.name, knobs=dict(candidate.get("knobs", {})))
+    opk = registry.with_target_knobs(fam, op.with_(family=fam.name, knobs=dict(candidate.get("knobs", {}))), target)
     alo, ahi = ((-(1 << (op.a_bit - 1)), (1 << (op.a_bit - 1)) - 1) if op.a_signed else (0, (1 << op.a_bit) - 1))
     info = np.iinfo(np.dtype(op.a_dtype))
     x = rng.integers(max(alo, info.min), min(ahi, info.max) + 1, op.x_shape).astype(op.a_dtype)

@@ -241,6 +241,20 @@ def test_bitserial_target_knobs_only_with_vpopcntdq():
     assert fam.target_knobs(gemv, icelake) == {"vl": 8, "R": 1, "J": 1}
 
 
+def test_with_target_knobs_fills_only_an_untuned_op():
+    """The pack phase and the tuner share one rule: an op without knobs gets the
+    target's; a tuned setting (here channel lanes at 256 bits) is kept whole, not
+    merged with the target's pixel lanes."""
+    fam = registry.get("cpu-bitserial")
+    icelake = tv.Target({"kind": "llvm", "mcpu": "icelake-server"})
+    op = make_op("conv2d", 1, 1, x=(1, 64, 28, 28), w=(64, 64, 3, 3), padding=(1, 1, 1, 1))
+    assert registry.with_target_knobs(fam, op, icelake).knobs == {"lanes": "px", "C": 8}
+    assert registry.with_target_knobs(fam, op, AVX2).knobs == {}
+    tuned = op.with_(knobs={"vl": 4, "R": 4, "J": 2})
+    assert registry.with_target_knobs(fam, tuned, icelake).knobs == {"vl": 4, "R": 4, "J": 2}
+    assert fam.knobs(registry.with_target_knobs(fam, tuned, icelake)) == {"vl": 4, "R": 4, "J": 2}
+
+
 @needs_avx2
 def test_bitserial_unsigned_weights_and_multiword():
     check("cpu-bitserial", make_op("conv2d", 2, 3, w_signed=False, x=(1, 130, 4, 4), w=(5, 130, 3, 3),
