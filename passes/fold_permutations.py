@@ -44,6 +44,7 @@ def _const_permuted(value: np.ndarray, out_rank: int, axis: int, perm: np.ndarra
 class _Folder:
     def __init__(self, mod, func):
         self.mod = mod
+        self.new_funcs: dict = {}  # kernels whose output channels were reordered: GlobalVar -> retagged PrimFunc
         self.defs: dict = {}
         self.uses: dict = {}
         for block in func.body.blocks:
@@ -85,7 +86,12 @@ class _Folder:
             w = tv.const_value(args[1])
             w = w[perm] if op.kind == "conv2d" else w[:, perm]
             new_args = tv.relax.Tuple([args[0], tv.const(w)] + args[2:])
-            return {var: tv.relax.Call(CALL_TIR, [value.args[0], new_args], value.attrs, value.ty_args)}
+            # the kernel's QOp records which of the file's channels each output is
+            old = np.asarray(op.out_index or range(op.out_channels), np.int64)
+            gv = value.args[0]  # one call per kernel: its QOp names the layer and group
+            self.new_funcs[gv] = self.mod[gv].with_attr(
+                "soniq.qop", op.with_(out_index=tuple(int(i) for i in old[perm])).to_json())
+            return {var: tv.relax.Call(CALL_TIR, [gv, new_args], value.attrs, value.ty_args)}
         if value.op == _TAKE and var.name.startswith("soniq_unperm") and int(value.attrs.axis) % rank == axis:
             inner = tv.const_value(value.args[1])
             return {var: tv.relax.Call(_TAKE, [value.args[0], tv.const(inner[perm])], value.attrs)}
@@ -139,7 +145,7 @@ class _Folder:
         return self.push(src, perm, big[0])
 
 
-def _fold_function(mod, func):
+def _fold_function(mod, func, new_funcs: dict):
     folder = _Folder(mod, func)
     # gathers of the same tensor with the same permutation fold together (q/k/v)
     same: dict = {}
@@ -157,6 +163,7 @@ def _fold_function(mod, func):
             rewrites.update({g: src for g in gathers})  # each gather becomes an alias
     if not rewrites:
         return func
+    new_funcs.update(folder.new_funcs)
     blocks = []
     for block in func.body.blocks:
         bindings = [tv.relax.VarBinding(b.var, rewrites.get(b.var, b.value)) for b in block.bindings]
@@ -168,8 +175,10 @@ def _fold_function(mod, func):
 
 @tv.tvm.ir.transform.module_pass(opt_level=0, name="soniq.FoldPermutations")
 def FoldPermutations(mod, _ctx):
-    updates = {gv: _fold_function(mod, f) for gv, f in mod.functions.items() if isinstance(f, tv.relax.Function)}
-    for gv, f in updates.items():
+    new_funcs: dict = {}
+    updates = {gv: _fold_function(mod, f, new_funcs) for gv, f in mod.functions.items()
+               if isinstance(f, tv.relax.Function)}
+    for gv, f in list(new_funcs.items()) + list(updates.items()):
         mod[gv] = f
     mod = tv.relax.transform.Normalize()(mod)
     return tv.relax.transform.CanonicalizeBindings()(mod)

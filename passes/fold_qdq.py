@@ -58,12 +58,18 @@ def _bits_of(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 class _Folder(tv.PyExprMutator):
-    def __init__(self, mod, params: dict, weights: dict, target):
+    def __init__(self, mod, params: dict, weights: dict, target, declined: dict | None = None):
         super().__init__(mod)
         self.params = params
         self.weights = weights
         self.target = target
         self.ref = registry.get("int8-ref")
+        self.declined = declined if declined is not None else {}
+
+    def _decline(self, layer: str, reason: str):
+        """Record why the quantized op of ``layer`` stays float; returns None."""
+        self.declined.setdefault(layer, reason)
+        return None
 
     # ---- value helpers ----------------------------------------------------
     def _bound(self, expr):
@@ -83,11 +89,11 @@ class _Folder(tv.PyExprMutator):
 
     # ---- activation side --------------------------------------------------
     def _activation(self, dq, channel_axis: int, layer: str):
-        """(integer expr with zero point removed, scale, bits per channel, signed)."""
+        """(integer codes, scale, bits per channel, signed, zero point)."""
         x, sx, zx = dq.args
         s, z = self._value(sx), self._value(zx)
         if s is None or z is None:
-            return None
+            return self._decline(layer, "activation scale or zero point is not a constant")
         if np.unique(s).size != 1:
             raise UnsupportedModelError(
                 "activation scale varies per channel; integer folding needs one scale per tensor",
@@ -123,14 +129,14 @@ class _Folder(tv.PyExprMutator):
             else:
                 break
         signed = info.min < 0
-        if z != 0:
-            # centre the codes: X - zx, exact in int16
-            lo, hi = lo - z, hi - z
-            x = self.builder_.emit(tv.relax.op.subtract(tv.relax.op.astype(x, "int16"),
-                                                        tv.relax.const(z, "int16")), "soniq_centered")
-            signed = True
-        bits = _bits_of(lo, hi) if signed is False else _bits_of(np.minimum(lo, -1 - hi), np.maximum(hi, -1 - lo))
-        return x, float(s.reshape(-1)[0]), tuple(int(b) for b in bits), signed
+        # the zero point goes to the kernel (QOp.a_zero), which folds it exactly:
+        # the codes stay as stored (u8 x s8 for the dot-product instructions)
+        lo, hi = np.minimum(lo, z), np.maximum(hi, z)
+        if signed:
+            bits = _bits_of(np.minimum(lo, -1 - hi), np.maximum(hi, -1 - lo))
+        else:
+            bits = _bits_of(np.zeros_like(lo), hi)
+        return x, float(s.reshape(-1)[0]), tuple(int(b) for b in bits), signed, z
 
     # ---- weight side ------------------------------------------------------
     def _weight(self, expr):
@@ -147,10 +153,13 @@ class _Folder(tv.PyExprMutator):
         w, sw, zw = call.args
         if not isinstance(w, tv.relax.Var) or tv.var_name(w) not in self.weights:
             return None
+        info = self.weights[tv.var_name(w)]
         wv, s, z = self._value(w), self._value(sw), self._value(zw)
-        if wv is None or s is None or (z is not None and np.any(z != 0)):
-            return None
-        return wv, self.weights[tv.var_name(w)], s, int(call.attrs.axis), transposed
+        if wv is None or s is None:
+            return self._decline(info.node, "weight scale is not a constant")
+        if z is not None and np.any(z != 0):
+            return self._decline(info.node, "weight zero point is not 0 (asymmetric weights)")
+        return wv, info, s, int(call.attrs.axis), transposed
 
     # ---- rewrite ------------------------------------------------------------
     def visit_call_(self, call):
@@ -175,11 +184,12 @@ class _Folder(tv.PyExprMutator):
     def _fold_conv(self, call, dq_x, wv, info: WeightInfo, sw):
         a = call.attrs
         if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
+            self._decline(info.node, f"conv layout {a.data_layout}/{a.kernel_layout} (NCHW/OIHW folds)")
             return call
         act = self._activation(dq_x, 1, info.node)
         if act is None:
             return call
-        x, sx, a_bits, a_signed = act
+        x, sx, a_bits, a_signed, a_zero = act
         o = wv.shape[0]
         groups = int(a.groups)
         w_axis = "in" if info.axis == 1 else "out"
@@ -191,7 +201,7 @@ class _Folder(tv.PyExprMutator):
             kind="conv2d", layer=info.node, x_shape=tv.shape_of(x), w_shape=tuple(wv.shape),
             w_bits=tuple(info.bits) if len(info.bits) > 1 else (info.bits[0],) * (wv.shape[info.axis]),
             a_bits=a_bits_w, w_axis=w_axis, w_signed=info.signed, a_signed=a_signed, a_dtype=tv.dtype_of(x),
-            strides=tuple(int(v) for v in a.strides), padding=tuple(int(v) for v in a.padding),
+            a_zero=a_zero, strides=tuple(int(v) for v in a.strides), padding=tuple(int(v) for v in a.padding),
             dilation=tuple(int(v) for v in a.dilation), groups=groups,
         )
         if groups > 1:
@@ -202,12 +212,13 @@ class _Folder(tv.PyExprMutator):
 
     def _fold_matmul(self, call, dq_x, wv, info: WeightInfo, sw, dq_axis: int, transposed: bool):
         if wv.ndim != 2:
+            self._decline(info.node, f"{wv.ndim}-D matmul weight (2-D folds)")
             return call
         x_shape = tv.shape_of(dq_x.args[0])
         act = self._activation(dq_x, len(x_shape) - 1, info.node)
         if act is None:
             return call
-        x, sx, a_bits, a_signed = act
+        x, sx, a_bits, a_signed, a_zero = act
         w = wv.T if transposed else wv  # [K, N]
         n = w.shape[1]
         # stored axis -> in/out: MatMul [K,N]: 0 in, 1 out; Gemm transB [N,K]: 1 in, 0 out
@@ -218,6 +229,7 @@ class _Folder(tv.PyExprMutator):
             kind="matmul", layer=info.node, x_shape=x_shape, w_shape=tuple(w.shape),
             w_bits=tuple(info.bits) if len(info.bits) > 1 else (info.bits[0],) * count,
             a_bits=a_bits, w_axis=w_axis, w_signed=info.signed, a_signed=a_signed, a_dtype=tv.dtype_of(x),
+            a_zero=a_zero,
         )
         acc = emit_qop(self.builder_, op, x, [np.ascontiguousarray(w.astype(np.int8))], self.ref, self.target)
         scale = (sx * np.broadcast_to(sw.astype(np.float32).reshape(-1), (n,))).astype(np.float32)
@@ -244,7 +256,8 @@ class _Folder(tv.PyExprMutator):
         return tv.relax.op.multiply(tv.relax.op.astype(acc, "float32"), tv.relax.const(scale, "float32"))
 
 
-def FoldQDQ(params: dict, weights: dict, target=None):
+def FoldQDQ(params: dict, weights: dict, target=None, declined: dict | None = None):
     """The pass. ``params``: importer parameter name -> numpy value; ``weights``:
-    weight tensor name -> :class:`WeightInfo`."""
-    return module_pass(lambda mod: tv.mutator(_Folder)(mod, params, weights, target), "soniq.FoldQDQ")
+    weight tensor name -> :class:`WeightInfo`; ``declined`` (filled in): layer ->
+    why its quantized op was left float."""
+    return module_pass(lambda mod: tv.mutator(_Folder)(mod, params, weights, target, declined), "soniq.FoldQDQ")

@@ -10,6 +10,7 @@
     7  act_matmul   activation x activation matmuls onto dot-product kernels (lower_act_matmul)
     8  pool_codes   quantize(max_pool(x)) -> max_pool(quantize(x)): pool the codes (quantize_before_pool)
     9  cleanup      dead code elimination
+   10  probes       (optional) ``soniq_probe``: main plus every kernel's input and result (add_probes)
 
 ``dump_dir`` writes the IR after every phase (``NN-name.py``), so anyone can see,
 diff and reorder the flow. Building (``tvm.compile``) is the caller's step.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 from soniq_tvm import tvm_shim as tv
 
+from .add_probes import PROBE_FUNC, add_probes
 from .canonicalize_minmax import CanonicalizeMinMax
 from .fold_permutations import FoldPermutations, count_gathers
 from .fold_qdq import FoldQDQ, WeightInfo
@@ -32,7 +34,7 @@ from .split_groups import SplitChannelGroups
 __all__ = ["run_pipeline", "PipelineResult", "WeightInfo", "import_onnx", "PHASES"]
 
 PHASES = ("import", "canonicalize", "fold_qdq", "bind", "split", "permute", "pack", "act_matmul", "pool_codes",
-          "cleanup")
+          "cleanup", "probes")
 
 
 @dataclass
@@ -41,6 +43,8 @@ class PipelineResult:
     layers: list = field(default_factory=list)  # whole-layer QOps after folding
     gathers_after_split: dict = field(default_factory=dict)
     gathers: dict = field(default_factory=dict)  # run-time gathers left, per layer
+    declined: dict = field(default_factory=dict)  # layer -> why its quantized op stayed float
+    probes: list = field(default_factory=list)  # QOp dicts of soniq_probe's kernel calls (phase 10)
 
 
 def import_onnx(model, shapes: dict | None = None):
@@ -71,8 +75,8 @@ def _soniq_layers(mod) -> list:
         if hit is not None:
             found.append(hit[0])
 
-    for _gv, func in mod.functions.items():
-        if isinstance(func, tv.relax.Function):
+    for gv, func in mod.functions.items():
+        if isinstance(func, tv.relax.Function) and gv.name_hint != PROBE_FUNC:  # the probe repeats main
             tv.relax.analysis.post_order_visit(func.body, visit)
     return found
 
@@ -92,21 +96,22 @@ def act_kernels(mod) -> list[str]:
             if text is not None:
                 found.append(str(text))
 
-    for _gv, func in mod.functions.items():
-        if isinstance(func, tv.relax.Function):
+    for gv, func in mod.functions.items():
+        if isinstance(func, tv.relax.Function) and gv.name_hint != PROBE_FUNC:  # the probe repeats main
             tv.relax.analysis.post_order_visit(func.body, visit)
     return found
 
 
 def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
                  dump_dir: str | None = None, stop_after: str | None = None, tuned=None,
-                 split: str = "auto") -> PipelineResult:
+                 split: str = "auto", probes: bool = False) -> PipelineResult:
     """Run phases 0-9 on an ONNX ModelProto (int4 initializers already widened),
     or up to and including ``stop_after`` (one of :data:`PHASES`). ``tuned``: a
     :class:`soniq_tvm.tuning.TunedSchedules`; the pack phase takes its
     (family, knobs) for the kernels it has records of. ``split``: "auto" keeps a
     mixed layer whole where splitting is not faster (never with a forced family),
-    "always" splits every mixed layer."""
+    "always" splits every mixed layer. ``probes``: add the ``soniq_probe`` entry
+    point (phase 10) for verifying the built module layer by layer."""
     assert stop_after is None or stop_after in PHASES, stop_after
     mod, params = import_onnx(model, shapes)
     _dump(dump_dir, 0, "import", mod)
@@ -115,7 +120,7 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
         return result
     steps = [
         ("canonicalize", CanonicalizeMinMax),
-        ("fold_qdq", FoldQDQ(params, weights, target)),
+        ("fold_qdq", FoldQDQ(params, weights, target, result.declined)),
         ("bind", tv.tvm.transform.Sequential([
             tv.relax.transform.BindParams("main", params),
             tv.relax.transform.FoldConstant(),
@@ -140,7 +145,10 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
             result.gathers = count_gathers(mod)
         result.mod = mod
         if name == stop_after:
-            break
+            return result
+    if probes:
+        result.mod, result.probes = add_probes(result.mod)
+        _dump(dump_dir, len(steps) + 1, "probes", result.mod)
     return result
 
 

@@ -116,7 +116,8 @@ def _sub_op(op: QOp, iidx: np.ndarray, oidx: np.ndarray, w_shape) -> QOp:
     w_bit = op.w_bits[iidx[0]] if op.w_axis == "in" else op.w_bits[oidx[0]]
     w_count = len(iidx) if op.w_axis == "in" else len(oidx)
     return op.with_(x_shape=tuple(x_shape), w_shape=tuple(w_shape), a_bits=(op.a_bits[iidx[0]],) * len(iidx),
-                    w_bits=(w_bit,) * w_count)
+                    w_bits=(w_bit,) * w_count, in_index=tuple(int(i) for i in iidx),
+                    out_index=tuple(int(o) for o in oidx))
 
 
 def _whole(op: QOp) -> QOp:

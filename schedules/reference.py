@@ -30,16 +30,21 @@ def integer_compute(x, op: QOp, weight_at: Callable, name: str = "qop"):
     """TE compute of ``op`` with weights given by ``weight_at(o, c, r, s)`` (conv)
     or ``weight_at(n, k)`` (matmul), both returning int32 expressions."""
     te = tv.te
+    z = int(op.a_zero)
+
+    def code(v):  # the activation as an int32 value, zero point removed
+        return v.astype("int32") - z if z else v.astype("int32")
+
     if op.kind == "matmul":
         k = te.reduce_axis((0, op.reduction), name="k")
         return te.compute(
             op.out_shape,
-            lambda *i: te.sum(x[i[:-1] + (k,)].astype("int32") * weight_at(i[-1], k), axis=k),
+            lambda *i: te.sum(code(x[i[:-1] + (k,)]) * weight_at(i[-1], k), axis=k),
             name=name,
         )
     pt, pl, pb, pr = op.padding
-    if any(op.padding):
-        x = tv.topi.nn.pad(x, [0, 0, pt, pl], [0, 0, pb, pr], pad_value=0, name="pad")
+    if any(op.padding):  # a padding pixel is a real zero: the code a_zero
+        x = tv.topi.nn.pad(x, [0, 0, pt, pl], [0, 0, pb, pr], pad_value=z, name="pad")
     o_all, cg, kh, kw = op.w_shape
     og = o_all // op.groups
     (sh, sw), (dh, dw) = op.strides, op.dilation
@@ -49,7 +54,7 @@ def integer_compute(x, op: QOp, weight_at: Callable, name: str = "qop"):
     return te.compute(
         op.out_shape,
         lambda n, o, y, xx: te.sum(
-            x[n, (o // og) * cg + rc, y * sh + rr * dh, xx * sw + rs * dw].astype("int32")
+            code(x[n, (o // og) * cg + rc, y * sh + rr * dh, xx * sw + rs * dw])
             * weight_at(o, rc, rr, rs),
             axis=[rc, rr, rs],
         ),

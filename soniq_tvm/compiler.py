@@ -20,7 +20,7 @@ from .errors import InputError, SoniqError, UnsupportedModelError
 from .plan import GroupPlan, LayerPlan, Plan
 from .targets import describe, parse_target, to_tvm_target
 
-__all__ = ["compile", "inspect", "prepare"]
+__all__ = ["compile", "inspect", "prepare", "FloatLayerWarning"]
 
 _INT_OPS = ("Conv", "MatMul", "Gemm")
 
@@ -34,7 +34,9 @@ def _model(model):
 
 
 def _node_names(graph) -> dict[int, str]:
-    return {i: (n.name or f"{n.op_type}_{i}") for i, n in enumerate(graph.node)}
+    from .naming import node_label
+
+    return {i: node_label(n, i) for i, n in enumerate(graph.node)}
 
 
 def _weight_infos(model) -> dict:
@@ -116,23 +118,33 @@ def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, sto
             split="auto"):
     """Run the passes; returns ``(pipeline result, target dict, model, inputs, outputs)``.
     ``tuned``: a :class:`soniq_tvm.tuning.TunedSchedules`; ``split``: see :func:`compile`."""
+    return _prepare(model, parse_target(target), shapes=shapes, family=family, dump_ir=dump_ir,
+                    stop_after=stop_after, tuned=tuned, split=split)
+
+
+def _prepare(model, tgt: dict, *, shapes=None, family=None, dump_ir=None, stop_after=None, tuned=None,
+             split="auto", probes=False):
+    """:func:`prepare` for a target already parsed (``tgt``: a target dict)."""
     if split not in SPLIT_MODES:
         raise InputError(f"split={split!r} is not one of {', '.join(SPLIT_MODES)}",
                          hint="'auto' splits where a narrow kernel is faster, 'always' splits every mixed layer")
     from soniq_tvm.passes.pipeline import run_pipeline
 
     from .annotation import to_int8_initializers
+    from .naming import canonical_names
 
     model, source = _model(model)
-    tgt = parse_target(target)
     infos = _weight_infos(model)
     ins, outs = _signature(model, shapes)
     _check_ops(model)
-    widened = to_int8_initializers(model)
+    # one renaming for the importer: every initializer gets a safe, unique name,
+    # and the weight annotations follow it (torch.onnx.export's "onnx::" names)
+    widened, names = canonical_names(to_int8_initializers(model))
+    infos = {names.get(k, k): v for k, v in infos.items()}
     shape_dict = {i["name"]: i["shape"] for i in ins}
     try:
         result = run_pipeline(widened, infos, to_tvm_target(tgt), shapes=shape_dict, family=family,
-                              dump_dir=dump_ir, stop_after=stop_after, tuned=tuned, split=split)
+                              dump_dir=dump_ir, stop_after=stop_after, tuned=tuned, split=split, probes=probes)
     except SoniqError:
         raise
     except Exception as e:  # noqa: BLE001  (importer errors are untyped)
@@ -142,13 +154,20 @@ def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, sto
     return result, tgt, model, ins, outs
 
 
-def build_plan(result, tgt: dict) -> Plan:
+class FloatLayerWarning(UserWarning):
+    """A conv/matmul the file quantizes runs in float in the compiled module."""
+
+
+def build_plan(result, tgt: dict, model=None) -> Plan:
+    """The plan of a pipeline result. With the ONNX ``model``, every Conv / MatMul /
+    Gemm of the file is listed, float ones with the reason, and a quantized op
+    left float is warned about (:class:`FloatLayerWarning`) by name."""
     from soniq_tvm.passes.pipeline import _soniq_layers, act_kernels
 
     groups = defaultdict(list)
     for op in _soniq_layers(result.mod):
         groups[op.layer].append(op)
-    layers = []
+    folded = {}
     for whole in result.layers:
         safe = "".join(ch if ch.isalnum() else "_" for ch in whole.layer)[:40]
         gps = tuple(
@@ -156,8 +175,10 @@ def build_plan(result, tgt: dict) -> Plan:
                       out_channels=op.out_channels, family=op.family, macs=op.macs,
                       bytes_int8=op.weight_bytes_int8, bytes_packed=op.packed_bytes)
             for op in sorted(groups.get(whole.layer, []), key=lambda o: o.group))
-        layers.append(LayerPlan(name=whole.layer, kind=whole.kind, w_axis=whole.w_axis, w_bits=whole.w_bits,
-                                a_bits=whole.a_bits, groups=gps, gathers=result.gathers.get(safe, 0)))
+        folded[whole.layer] = LayerPlan(name=whole.layer, kind=whole.kind, w_axis=whole.w_axis,
+                                        w_bits=whole.w_bits, a_bits=whole.a_bits, groups=gps,
+                                        gathers=result.gathers.get(safe, 0))
+    layers = _every_layer(folded, result.declined, model)
     notes = []
     whole = [l.name for l in layers if len(l.groups) == 1 and (len(set(l.w_bits)) > 1 or len(set(l.a_bits)) > 1)]
     if whole:
@@ -175,22 +196,56 @@ def build_plan(result, tgt: dict) -> Plan:
     return Plan(layers=tuple(layers), target=describe(tgt), notes=tuple(notes))
 
 
-def _tuned(database, target, strict: bool):
-    """The records of a tuning database that fit ``target`` (None: no database)."""
+def _every_layer(folded: dict, declined: dict, model) -> list:
+    """The folded layers and, in file order, every conv/matmul that was not."""
+    if model is None:
+        return list(folded.values())
+    import warnings
+
+    from .survey import survey
+
+    layers, left_float = [], []
+    for s in survey(model):
+        if s.name in folded:
+            layers.append(folded.pop(s.name))
+            continue
+        kind = "conv2d" if s.op_type == "Conv" else "matmul"
+        if s.status == "act-act":
+            layers.append(LayerPlan(name=s.name, kind="act-matmul", w_axis="", w_bits=(), a_bits=(), groups=(),
+                                    reason=""))
+            continue
+        reason = s.reason
+        if s.status == "quantized":
+            reason = declined.get(s.name, "quantized in the file, but no integer pattern matched")
+            left_float.append(f"{s.name} ({reason})")
+        layers.append(LayerPlan(name=s.name, kind=kind, w_axis="", w_bits=(), a_bits=(), groups=(),
+                                reason=reason))
+    layers.extend(folded.values())  # none expected: every folded layer is a node of the file
+    if left_float:
+        warnings.warn(f"{len(left_float)} quantized conv/matmul layer(s) run in float: "
+                      + "; ".join(left_float[:6]) + ("; ..." if len(left_float) > 6 else ""),
+                      FloatLayerWarning, stacklevel=3)
+    return layers
+
+
+def _tuned(database, tgt: dict, strict: bool):
+    """The records of a tuning database that fit the parsed target ``tgt`` (None:
+    no database)."""
     if database is None:
         return None
     from .tuning.apply import TunedSchedules
 
-    return TunedSchedules(database, parse_target(target), strict=strict)
+    return TunedSchedules(database, tgt, strict=strict)
 
 
 def inspect(model, target="llvm", *, shapes=None, family=None, database=None, strict=False,
             split="auto") -> Plan:
     """The precision plan of ``model`` on ``target`` (runs the passes, builds nothing).
     ``database``/``strict``/``split``: as for :func:`compile`."""
-    tuned = _tuned(database, target, strict)
-    result, tgt, *_ = prepare(model, target, shapes=shapes, family=family, tuned=tuned, split=split)
-    plan = build_plan(result, tgt)
+    tgt = parse_target(target)
+    tuned = _tuned(database, tgt, strict)
+    result, tgt, proto, *_ = _prepare(model, tgt, shapes=shapes, family=family, tuned=tuned, split=split)
+    plan = build_plan(result, tgt, proto)
     if tuned is not None:
         tuned.check()
         plan = dataclasses.replace(plan, notes=plan.notes + tuned.notes())
@@ -198,7 +253,7 @@ def inspect(model, target="llvm", *, shapes=None, family=None, database=None, st
 
 
 def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, database=None,  # noqa: A001
-            strict=False, split="auto") -> CompiledModule:
+            strict=False, split="auto", probes=True) -> CompiledModule:
     """Compile an annotated ONNX model (path or ModelProto) for ``target``.
 
     ``target``: a legacy string (``"llvm -mcpu=skylake-avx512"``), a dict, or a
@@ -216,13 +271,18 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
     skipped with a :class:`~soniq_tvm.tuning.TuningWarning` saying which and why
     (``strict=True``: a :class:`TuningDatabaseError` instead). What was applied and
     skipped is in the plan's notes and ``manifest["tuning"]``.
+    ``probes`` (default on): the module also gets a ``soniq_probe`` entry point
+    returning every integer kernel's input codes and result, with which
+    :func:`soniq_tvm.verify` checks it layer by layer; ``main`` is the same
+    either way.
     """
     import tvm
 
     t0 = time.time()
-    tuned = _tuned(database, target, strict)
-    result, tgt, model, ins, outs = prepare(model, target, shapes=shapes, family=family, dump_ir=dump_ir,
-                                            tuned=tuned, split=split)
+    tgt = parse_target(target)  # parsed once; everything below takes the dict
+    tuned = _tuned(database, tgt, strict)
+    result, tgt, model, ins, outs = _prepare(model, tgt, shapes=shapes, family=family, dump_ir=dump_ir,
+                                             tuned=tuned, split=split, probes=probes)
     if tuned is not None:
         tuned.check()
     from soniq_tvm.passes.pipeline import build_pipeline
@@ -233,7 +293,7 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
     except Exception as e:  # noqa: BLE001
         lines = str(e).strip().splitlines()
         raise UnsupportedModelError(f"building for {describe(tgt)} failed: {lines[-1] if lines else e}") from e
-    plan = build_plan(result, tgt)
+    plan = build_plan(result, tgt, model)
     if tuned is not None:
         tuned.check()
         plan = dataclasses.replace(plan, notes=plan.notes + tuned.notes())
@@ -246,6 +306,8 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
         "plan": plan.to_dict(),
         "compile_seconds": round(time.time() - t0, 3),
     }
+    if probes:
+        manifest["probes"] = result.probes
     if tuned is not None:
         manifest["tuning"] = tuned.report()
     return CompiledModule(executable, manifest, executable=executable)

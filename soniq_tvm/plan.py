@@ -1,9 +1,10 @@
 """The precision plan: what the compiler did with every conv/matmul, as data.
 
-For each layer: its weight and activation bits per channel, the channel groups
-the split produced (with the kernel family chosen for each), bytes of weights
-before (int8) and after packing, and the run-time gathers that could not be
-folded. Printable, JSON-serialisable, stored in every saved module and shown by
+For each Conv / MatMul / Gemm of the file: its weight and activation bits per
+channel, the channel groups the split produced (with the kernel family chosen
+for each), bytes of weights before (int8) and after packing, and the run-time
+gathers that could not be folded. A layer that runs in float has no groups and
+says why (``reason``); an attention matmul of two activations is ``act-matmul``. Printable, JSON-serialisable, stored in every saved module and shown by
 ``soniq-tvm inspect``. Pure data: no TVM, no onnx.
 """
 from __future__ import annotations
@@ -39,6 +40,11 @@ class LayerPlan:
     a_bits: tuple[int, ...]
     groups: tuple[GroupPlan, ...]
     gathers: int = 0
+    reason: str = ""  # why the layer runs in float ("" for integer layers)
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind != "act-matmul" and not self.groups
 
     @property
     def bytes_before(self) -> int:
@@ -62,7 +68,7 @@ class LayerPlan:
         return cls(
             name=d["name"], kind=d["kind"], w_axis=d["w_axis"], w_bits=tuple(d["w_bits"]),
             a_bits=tuple(d["a_bits"]), groups=tuple(GroupPlan(**g) for g in d["groups"]),
-            gathers=int(d.get("gathers", 0)),
+            gathers=int(d.get("gathers", 0)), reason=str(d.get("reason", "")),
         )
 
 
@@ -85,6 +91,11 @@ class Plan:
     @property
     def gathers(self) -> int:
         return sum(l.gathers for l in self.layers)
+
+    @property
+    def float_layers(self) -> tuple[LayerPlan, ...]:
+        """The convs/matmuls that run in float, each with its ``reason``."""
+        return tuple(l for l in self.layers if l.is_float)
 
     @property
     def compression(self) -> float:
@@ -125,7 +136,12 @@ class Plan:
         for l in self.layers:
             groups = ", ".join(f"{g.w_bits}x{g.a_bits}[{g.in_channels}->{g.out_channels}]:{g.family}"
                                for g in l.groups)
-            rows.append((l.name, l.kind, f"{hist(l.w_bits)} ({l.w_axis})", hist(l.a_bits), groups,
+            if l.kind == "act-matmul":
+                groups = "activation x activation (integer)"
+            elif l.is_float:
+                groups = f"float: {l.reason}"
+            wbits = f"{hist(l.w_bits)} ({l.w_axis})" if l.w_bits else "-"
+            rows.append((l.name, l.kind, wbits, hist(l.a_bits) or "-", groups,
                          str(l.bytes_before), str(l.bytes_after), str(l.gathers)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -133,5 +149,7 @@ class Plan:
         lines.append(f"target: {self.target}")
         lines.append(f"weights: {self.bytes_before} B int8 -> {self.bytes_after} B packed "
                      f"({self.compression:.1f}x vs fp32); run-time gathers: {self.gathers}")
+        if self.float_layers:
+            lines.append(f"float: {len(self.float_layers)} of {len(self.layers)} conv/matmul layers")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)

@@ -8,10 +8,12 @@ through the IR alone, and a schedule rule can recognise the kernels it owns.
 
 Arithmetic contract of every kernel family (the numpy twin is :func:`reference`):
 
-    out[int32] = sum over the reduction of  int(x) * int(w)
+    out[int32] = sum over the reduction of  (int(x) - a_zero) * int(w)
 
-with ``x`` zero-padded (the activation zero point has already been subtracted),
-exact, no saturation anywhere.
+with ``x`` the activation codes as stored and a padding pixel standing for the
+code ``a_zero`` (a real zero), exact, no saturation anywhere. ``a_zero`` is the
+activation's zero point (asymmetric u8/s8 files: ORT's quantizer writes one per
+tensor); families that cannot fold it say "not mine" for ``a_zero != 0``.
 
 Shapes: ``conv2d`` reads ``x[N, C, H, W]`` and ``w[O, C/groups, KH, KW]`` and writes
 ``out[N, O, OH, OW]``; ``matmul`` reads ``x[..., K]`` and ``w[K, N]`` and writes
@@ -56,6 +58,7 @@ class QOp:
     w_signed: bool = True
     a_signed: bool = True
     a_dtype: str = "int8"
+    a_zero: int = 0  # activation zero point: the kernel computes with x - a_zero
     strides: tuple[int, int] = (1, 1)
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)
     dilation: tuple[int, int] = (1, 1)
@@ -64,6 +67,10 @@ class QOp:
     family: str = "int8-ref"  # kernel family that computes it
     knobs: dict = field(default_factory=dict, compare=False, hash=False)
     packed_bytes: int = 0  # bytes of the family's packed weight constants (0: not packed yet)
+    # the file's channel numbers of a group's input / output channels (empty: all, in order);
+    # set by the split, read by verify's layer check
+    in_index: tuple[int, ...] = field(default=(), compare=False, hash=False)
+    out_index: tuple[int, ...] = field(default=(), compare=False, hash=False)
     version: int = VERSION
 
     # ---- derived ---------------------------------------------------------
@@ -193,7 +200,7 @@ def decode_bitplanes(p: np.ndarray, op: QOp) -> np.ndarray:
 
 def reference(x: np.ndarray, w: np.ndarray, op: QOp) -> np.ndarray:
     """Exact integer result of ``op`` in numpy (int64 accumulation, returned as int64)."""
-    x = np.asarray(x).astype(np.int64)
+    x = np.asarray(x).astype(np.int64) - op.a_zero
     w = np.asarray(w).astype(np.int64)
     if op.kind == "matmul":
         return x @ w

@@ -79,3 +79,41 @@ def two_level(count: int, low: int, high: int, fraction: float, rng) -> list[int
     bits = np.full(count, high)
     bits[rng.permutation(count)[:n_low]] = low
     return [int(v) for v in bits]
+
+
+# ---- files as users have them: torch.onnx.export + ONNX Runtime's quantizer ----------
+def ort_quantize(fp32_path, out_path, calibration, *, fmt="QDQ", activation="QUInt8", per_channel=True):
+    """``quantize_static`` as a user runs it (MinMax calibration over ``calibration``,
+    a list of input dicts); ``fmt``: "QDQ" or "QOperator"; ``activation``:
+    "QUInt8" or "QInt8"; weights QInt8."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(calibration)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=getattr(QuantFormat, fmt),
+                        per_channel=per_channel, reduce_range=False,
+                        activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    return str(out_path)
+
+
+def exported_model(name: str, workdir, seed: int = 0):
+    """A tiny benchmark model (``resnet18`` or ``bert``) exported by
+    ``torch.onnx.export`` (initializers named ``onnx::...``) and four calibration
+    inputs."""
+    from benchmarks import models
+
+    bm = models.build(name, workdir, tiny=True, seed=seed)
+    return bm, [bm.random_input(s) for s in range(4)]

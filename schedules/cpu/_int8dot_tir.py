@@ -68,7 +68,10 @@ def zero_tile(acc0, acc1, n0, n1, lanes):
         acc1[T.ramp(u * lanes, 1, lanes)] = _isa.zeros("int32", lanes)
 
 
-def build(op, g, mode, lay, knobs, dot, off):
+def build(op, g, mode, lay, knobs, dot, off, fill=None):
+    """``off``: the shift into the operand's range; ``fill``: the operand value of a
+    padding pixel, the shifted zero point (``off`` when the zero point is 0)."""
+    fill = off if fill is None else fill
     R, J = knobs["R"], knobs["J"]
     RA, RB = split_tile(R)
     VL, KV = mode.vl, mode.kv
@@ -94,7 +97,7 @@ def build(op, g, mode, lay, knobs, dot, off):
     CT = G * CGP
     CTW = CT // KV        # 32-bit words per xs pixel
     ABITS = 32 // KV
-    OFFW = _isa.replicate_word(off, ABITS)
+    OFFW = _isa.replicate_word(fill, ABITS)
     OBT = OB // J
     OXT = math.ceil(OW / R)
     RPT = rows_per_task(OH, OW, VL, N * G * OBT)
@@ -140,12 +143,12 @@ def build(op, g, mode, lay, knobs, dot, off):
         i32 = "int32" if lanes == 1 else f"int32x{lanes}"
         for i in range(KV):
             ch = gg * CG + q * KV + i
-            if CH_PAD:  # padding channels read the group's last one, then hold `off`
+            if CH_PAD:  # padding channels read the group's last one, then hold `fill`
                 ch = gg * CG + tirx.min(q * KV + i, CG - 1)
             v = _isa.strided_load(x, [n, ch, sy, sx], XD, lanes, SX)
             e = tirx.Cast(AD if lanes == 1 else f"{AD}x{lanes}", tirx.Cast(i32, v) + off)
             if CH_PAD:
-                pad = tirx.const(off, AD) if lanes == 1 else tirx.Broadcast(tirx.const(off, AD), lanes)
+                pad = tirx.const(fill, AD) if lanes == 1 else tirx.Broadcast(tirx.const(fill, AD), lanes)
                 e = tirx.Select(q * KV + i < CG, e, pad)
             u = tirx.Cast("uint32" if lanes == 1 else f"uint32x{lanes}",
                           tirx.reinterpret(UA if lanes == 1 else f"{UA}x{lanes}", e))
@@ -186,7 +189,7 @@ def build(op, g, mode, lay, knobs, dot, off):
                 xm = T.decl_buffer((M, C), XD, data=x.data)
                 for p in par_relayout(M):
                     for c in range(CT):
-                        xs[0, 0, p, c] = T.Cast(AD, off)
+                        xs[0, 0, p, c] = T.Cast(AD, fill)
                     for c in range(C):
                         xs[0, 0, p, c] = T.Cast(AD, T.Cast("int32", xm[p, c]) + off)
             else:

@@ -131,7 +131,7 @@ class BitSerialFamily:
         return 16.0
 
     def accepts(self, op: QOp, target) -> bool:
-        if not op.uniform or target is None or target.kind.name != "llvm":
+        if op.a_zero or not op.uniform or target is None or target.kind.name != "llvm":
             return False
         if op.a_dtype not in ("int8", "uint8"):
             return False

@@ -55,7 +55,7 @@ class DepthwiseFamily:
     name = "cpu-depthwise"
 
     def accepts(self, op: QOp, target) -> bool:
-        if not op.uniform or op.kind != "conv2d" or target is None or target.kind.name != "llvm":
+        if op.a_zero or not op.uniform or op.kind != "conv2d" or target is None or target.kind.name != "llvm":
             return False
         if not (_isa.is_x86(target) or _isa.is_aarch64(target)):
             return False

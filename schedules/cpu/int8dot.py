@@ -39,9 +39,11 @@ micro-kernel:
   serially (a GEMV's is a few KiB: a parallel launch costs more, and tens of
   microseconds when the pool's workers sleep).
 
-**Exactness.** ``out = sum xs * w - off * sum(w)``; the second term is a per
-output channel constant ``corr`` computed at pack time (padding pixels hold ``off``
-too, so the identity holds everywhere). The instruction-level bounds:
+**Exactness.** With ``z`` the activation zero point (``QOp.a_zero``) and padding
+pixels holding ``fill = z + off`` (the zero point, shifted),
+``out = sum (x - z) * w = sum xs * w - fill * sum(w)``; the second term is a per
+output channel constant ``corr`` computed at pack time, so asymmetric u8/s8
+activations (any zero point) cost nothing extra. The instruction-level bounds:
 
 * ``vpmaddubsw`` (u8 x s8 -> saturating s16 pairs): exact iff
   ``2 * amax * wmax <= 32767`` and ``2 * amax * wmin >= -32768`` with
@@ -146,6 +148,11 @@ def act_offset(op: QOp, mode: Mode) -> int:
     return dlo - lo  # unsigned operand: -lo; signed operand: -128 for u8
 
 
+def pad_fill(op: QOp, mode: Mode) -> int:
+    """Operand value of a padding pixel: the activation zero point, shifted."""
+    return op.a_zero + act_offset(op, mode)
+
+
 def sum16_limit(op: QOp) -> int:
     """Largest number of ``vpmaddubsw`` steps whose int16 sum is provably exact
     (0: even one step may saturate)."""
@@ -233,7 +240,10 @@ class Int8DotFamily:
         if not op.uniform or not self._target_ok(target):
             return False
         if op.a_dtype not in ("int8", "uint8") or op.a_bit > 8 or op.w_bit > 8:
-            return False  # re-centred int16 activations (non-zero zero point): the reference
+            return False  # wider activation codes: the reference
+        lo, hi = _act_range(op)
+        if not lo <= op.a_zero <= hi:
+            return False  # the padding value must be a code the operand holds
         g = Geometry.of(op)
         if not g.matmul and g.cg == 1 and g.groups > 1:
             return False  # depthwise: the depthwise family
@@ -347,8 +357,7 @@ class Int8DotFamily:
         obt, j = lay["ob"] // lay["J"], lay["J"]
         t = full.reshape(g.groups, obt, j, m.vl, lay["cb"], m.kv, g.kh, g.kw).transpose(0, 1, 6, 7, 4, 2, 3, 5)
         wp = np.ascontiguousarray(t.reshape(g.groups, obt, g.kh, g.kw, lay["cb"], j, m.vl * m.kv)).astype(m.w_dtype)
-        off = act_offset(op, m)
-        corr = (off * full.sum(axis=(2, 3, 4))).astype(np.int32)  # [G, Ogp]
+        corr = (pad_fill(op, m) * full.sum(axis=(2, 3, 4))).astype(np.int32)  # [G, Ogp]
         return [wp, np.ascontiguousarray(corr)]
 
     def unpack(self, packed: Sequence[np.ndarray], op: QOp) -> np.ndarray:
@@ -391,7 +400,7 @@ def _dot(mode: Mode, acc, a, w):
 def _build_kernel(op: QOp, mode: Mode, lay: dict, knobs: dict, regs: int):
     from ._int8dot_tir import build
 
-    return build(op, Geometry.of(op), mode, lay, knobs, _dot, act_offset(op, mode))
+    return build(op, Geometry.of(op), mode, lay, knobs, _dot, act_offset(op, mode), pad_fill(op, mode))
 
 
 # Registered instances. macs_per_cycle: relative throughput of each mode, from the

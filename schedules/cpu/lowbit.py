@@ -143,7 +143,7 @@ class LowbitFamily:
         return all(x in _isa.features(target) for x in self.need)
 
     def accepts(self, op: QOp, target) -> bool:
-        if not op.uniform or not self._target_ok(target):
+        if op.a_zero or not op.uniform or not self._target_ok(target):
             return False
         if op.a_dtype not in ("int8", "uint8") or op.a_bit > 8 or op.w_bit > self.max_bits:
             return False

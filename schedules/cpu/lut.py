@@ -183,7 +183,7 @@ class LutFamily:
         return arch_ok and all(f in _isa.features(target) for f in self.need)
 
     def accepts(self, op: QOp, target) -> bool:
-        if op.kind != "matmul" or not op.uniform or not self._target_ok(target):
+        if op.kind != "matmul" or op.a_zero or not op.uniform or not self._target_ok(target):
             return False
         if op.a_dtype not in ("int8", "uint8") or not 1 <= op.a_bit <= 8 or op.w_bit > self.max_bits:
             return False

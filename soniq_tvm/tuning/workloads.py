@@ -24,11 +24,14 @@ __all__ = ["KnobTask", "MSTask", "qop_key", "qop_body", "ms_key", "extract", "le
 # QOp fields that do not change the computation (a deny-list: a new field counts
 # as significant until listed here, so a record never fits a kernel it was not
 # measured for).
-_NOT_KEYED = ("layer", "group", "family", "knobs", "packed_bytes")
+_NOT_KEYED = ("layer", "group", "family", "knobs", "packed_bytes", "in_index", "out_index")
 
 
 def qop_body(op) -> dict:
-    return {k: v for k, v in op.to_dict().items() if k not in _NOT_KEYED}
+    body = {k: v for k, v in op.to_dict().items() if k not in _NOT_KEYED}
+    if not body.get("a_zero"):
+        body.pop("a_zero", None)  # keys from before zero points existed stay valid
+    return body
 
 
 def qop_key(op) -> str:

@@ -1,0 +1,350 @@
+"""Layer-by-layer check of a built module against the file it claims to compute.
+
+A module built with probes (the default) returns, from its ``soniq_probe`` entry
+point, the input codes and the int32 result of every integer kernel call. Two
+checks follow, each naming the layer at fault:
+
+* **kernels, exact.** Each kernel result must equal the exact integer
+  reference computed in numpy from the module's own input codes and the *file's*
+  weights and activation zero point (``sum (x - z) * w``, a split group with the
+  file's channels of the group). Any difference is a wrong weight, channel or
+  zero point; no tolerance.
+* **glue, teacher-forced.** ONNX Runtime (graph optimisations off) runs the
+  file with every folded conv/matmul replaced by the module's own kernel result
+  (rescaled as the file says, bias added); everything between kernels (requantize,
+  activations, residual adds, pools, attention, float layers) is ORT's. Its codes
+  for each kernel's input tensor, and its outputs, are compared with the
+  module's: a correct module differs only where fp32 rounding meets a tie (at
+  most one code, in at most 1 in 10^4 codes), so depth cannot amplify anything.
+
+Needs numpy, onnx and (for the glue) onnxruntime.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .naming import node_label
+from .qop import QOp, reference
+from .survey import survey
+
+__all__ = ["FileLayer", "LayerCheck", "file_layers", "kernel_checks", "glue_checks", "MAX_FLIP_RATE"]
+
+MAX_FLIP_RATE = 1e-4  # codes that may differ by one step at fp32 near-ties
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    layer: str
+    what: str  # "kernel", "glue" (a kernel's input codes) or "output"
+    tensor: str
+    count: int  # values compared
+    differing: int
+    max_diff: float  # in codes (kernel: in int32 units)
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        if self.what == "kernel":
+            return self.differing == 0
+        return self.max_diff <= 1 and self.differing <= max(1, int(MAX_FLIP_RATE * self.count))
+
+    def __str__(self) -> str:
+        share = 100.0 * (1 - self.differing / self.count) if self.count else 100.0
+        unit = "exact" if self.what == "kernel" and self.ok else f"{share:.3f}% identical, max {self.max_diff:g}"
+        text = f"{self.what:6s} {self.layer} [{self.tensor}]: {unit}"
+        if self.detail:
+            text += f" ({self.detail})"
+        return text + ("" if self.ok else "  <- FAIL")
+
+
+@dataclass
+class FileLayer:
+    """What the file says about one quantized conv/matmul."""
+
+    name: str
+    op_type: str
+    x_codes: str  # the tensor of activation codes the layer's DequantizeLinear reads
+    x_scale: float
+    x_zero: int
+    w: np.ndarray  # int64, conv OIHW / matmul [K, N]
+    w_scale: np.ndarray  # per output channel, float32
+    bias: np.ndarray | None  # float32 per output channel
+    alpha: float
+    beta: float
+    output: str
+
+    @property
+    def axis(self) -> int:
+        return 1 if self.op_type == "Conv" else -1
+
+
+class _Constants:
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant" and n.output:
+                a = next((a for a in n.attribute if a.name == "value"), None)
+                if a is not None:
+                    self.init[n.output[0]] = numpy_helper.to_array(a.t)
+        self.producer = {o: n for n in g.node for o in n.output if o}
+
+    def raw(self, name: str):
+        return self.init.get(name)
+
+    def dq(self, name: str):
+        """The DequantizeLinear producing ``name`` (through Identity), else None."""
+        n = self.producer.get(name)
+        while n is not None and n.op_type == "Identity":
+            n = self.producer.get(n.input[0])
+        return n if n is not None and n.op_type == "DequantizeLinear" else None
+
+    def value(self, name: str) -> np.ndarray | None:
+        """A constant, or a DequantizeLinear / Transpose / Identity of one, in float32."""
+        if name in self.init:
+            return self.init[name].astype(np.float32) if self.init[name].dtype.kind == "f" else self.init[name]
+        n = self.producer.get(name)
+        if n is None:
+            return None
+        if n.op_type == "Identity":
+            return self.value(n.input[0])
+        if n.op_type == "Transpose":
+            v = self.value(n.input[0])
+            perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+            return None if v is None else np.transpose(v, perm)
+        if n.op_type == "DequantizeLinear":
+            q, s = self.raw(n.input[0]), self.raw(n.input[1])
+            if q is None or s is None:
+                return None
+            z = self.raw(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            if s.size > 1:
+                shape[axis % q.ndim] = -1
+            qi = q.astype(np.int64) - (0 if z is None else z.astype(np.int64).reshape(shape if z.size > 1 else ()))
+            return (qi.astype(np.float32) * s.astype(np.float32).reshape(shape if s.size > 1 else ())).astype(
+                np.float32)
+        return None
+
+    def int_weight(self, name: str):
+        """(int64 weights as the op reads them, scale per stored axis, DQ axis) of a
+        weight input: DequantizeLinear of an int constant, possibly transposed."""
+        perm = None
+        n = self.producer.get(name)
+        while n is not None and n.op_type in ("Identity", "Transpose"):
+            if n.op_type == "Transpose":
+                p = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+                perm = p if perm is None else [p[i] for i in perm]
+            n = self.producer.get(n.input[0])
+        if n is None or n.op_type != "DequantizeLinear":
+            return None
+        q = self.raw(n.input[0])
+        s = self.raw(n.input[1])
+        if q is None or s is None:
+            return None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
+        w = q.astype(np.int64)
+        if perm is not None:
+            w = np.transpose(w, perm)
+            axis = perm.index(axis)
+        return w, s.astype(np.float32).reshape(-1), axis
+
+
+def file_layers(model: onnx.ModelProto) -> dict[str, FileLayer]:
+    """Every quantized Conv / MatMul / Gemm of the file, by the compiler's layer name."""
+    c = _Constants(model)
+    quantized = {s.name for s in survey(model) if s.status == "quantized"}
+    out = {}
+    for i, n in enumerate(model.graph.node):
+        label = node_label(n, i)
+        if label not in quantized:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        xi, wi = 0, 1
+        if n.op_type == "Gemm" and c.dq(n.input[0]) is not None and c.raw(c.dq(n.input[0]).input[0]) is not None:
+            xi, wi = 1, 0  # the weight comes first
+        dq = c.dq(n.input[xi])
+        weight = c.int_weight(n.input[wi])
+        if dq is None or weight is None:
+            continue
+        w, ws, waxis = weight
+        if n.op_type == "Gemm":
+            if attrs.get("transB" if wi == 1 else "transA", 0):
+                w, waxis = w.T, 1 - waxis
+            if attrs.get("transA" if wi == 1 else "transB", 0):
+                continue  # a transposed activation: not what the compiler folds
+        out_axis = 0 if n.op_type == "Conv" else 1
+        n_out = w.shape[out_axis]
+        if ws.size > 1 and waxis != out_axis:
+            continue  # scale along the reduction: not folded
+        xs, xz = c.raw(dq.input[1]), c.raw(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        bias_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        bias = c.value(bias_name) if bias_name else None
+        out[label] = FileLayer(
+            name=label, op_type=n.op_type, x_codes=dq.input[0], x_scale=float(np.asarray(xs).reshape(-1)[0]),
+            x_zero=int(np.asarray(xz).reshape(-1)[0]) if xz is not None else 0, w=w,
+            w_scale=np.broadcast_to(ws, (n_out,)).astype(np.float32),
+            bias=None if bias is None else np.asarray(bias, np.float32),
+            alpha=float(attrs.get("alpha", 1.0)), beta=float(attrs.get("beta", 1.0)), output=n.output[0])
+    return out
+
+
+def _group_weights(layer: FileLayer, op: QOp, iidx: np.ndarray, oidx: np.ndarray) -> np.ndarray:
+    if layer.op_type == "Conv":
+        w = layer.w[oidx]
+        return w if op.groups > 1 else w[:, iidx]
+    return layer.w[np.ix_(iidx, oidx)]
+
+
+def kernel_checks(layers: dict[str, FileLayer], probes) -> tuple[list[LayerCheck], dict, dict]:
+    """Exact check of every probed kernel call; returns the checks and, per layer,
+    the module's input codes and total int32 result in the file's channel order."""
+    checks, inputs, totals = [], {}, {}
+    for qd, x, acc in probes:
+        op = QOp.from_dict(qd)
+        layer = layers.get(op.layer)
+        if layer is None:
+            checks.append(LayerCheck(op.layer, "kernel", "-", acc.size, acc.size, float("inf"),
+                                     "the file has no quantized conv/matmul of this name"))
+            continue
+        cin = layer.w.shape[1] * op.groups if layer.op_type == "Conv" else layer.w.shape[0]
+        cout = layer.w.shape[0] if layer.op_type == "Conv" else layer.w.shape[1]
+        iidx = np.asarray(op.in_index or range(cin), np.int64)
+        oidx = np.asarray(op.out_index or range(cout), np.int64)
+        tag = op.layer if op.group < 0 else f"{op.layer}[g{op.group}]"
+        try:
+            w = _group_weights(layer, op, iidx, oidx)
+            expect = reference(x, w, op.with_(a_zero=layer.x_zero))
+        except (ValueError, IndexError) as e:
+            checks.append(LayerCheck(tag, "kernel", layer.output, acc.size, acc.size, float("inf"),
+                                     f"the module's kernel does not fit the file's weights: {e}"))
+            continue
+        if expect.shape != acc.shape:
+            checks.append(LayerCheck(tag, "kernel", layer.output, acc.size, acc.size, float("inf"),
+                                     f"shape {list(acc.shape)} vs the file's {list(expect.shape)}"))
+            continue
+        diff = acc.astype(np.int64) != expect
+        detail = ""
+        if diff.any():
+            axis = 1 if layer.op_type == "Conv" else acc.ndim - 1
+            bad = np.unique(np.nonzero(diff)[axis])
+            detail = (f"{len(bad)} of {len(oidx)} output channels differ, file channels "
+                      + ", ".join(str(int(oidx[b])) for b in bad[:6]) + (" ..." if len(bad) > 6 else ""))
+        checks.append(LayerCheck(tag, "kernel", layer.output, int(acc.size), int(diff.sum()),
+                                 float(np.abs(acc.astype(np.int64) - expect).max()) if acc.size else 0.0, detail))
+        axis = layer.axis
+        if op.layer not in totals:
+            shape_x = list(x.shape)
+            shape_x[axis] = cin
+            shape_o = list(acc.shape)
+            shape_o[axis] = cout
+            inputs[op.layer] = np.zeros(shape_x, x.dtype)
+            totals[op.layer] = np.zeros(shape_o, np.int64)
+        _put(inputs[op.layer], x, iidx, axis)
+        _add(totals[op.layer], acc, oidx, axis)
+    return checks, inputs, totals
+
+
+def _put(dst, src, idx, axis):
+    d = np.moveaxis(dst, axis, 0)
+    d[idx] = np.moveaxis(src, axis, 0)
+
+
+def _add(dst, src, idx, axis):
+    d = np.moveaxis(dst, axis, 0)
+    d[idx] += np.moveaxis(src, axis, 0).astype(np.int64)
+
+
+def layer_output(layer: FileLayer, acc: np.ndarray) -> np.ndarray:
+    """The float output of ``layer`` from its exact int32 result, as the module
+    forms it: acc x (x_scale x w_scale), then the bias."""
+    scale = (layer.x_scale * layer.w_scale.astype(np.float32)).astype(np.float32)
+    shape = [1] * acc.ndim
+    shape[layer.axis] = -1
+    y = acc.astype(np.float32) * scale.reshape(shape)
+    if layer.alpha != 1.0:
+        y = y * np.float32(layer.alpha)
+    if layer.bias is not None:
+        b = layer.bias.reshape(shape) if layer.bias.ndim == 1 else layer.bias
+        y = y + (b * np.float32(layer.beta) if layer.beta != 1.0 else b)
+    return y.astype(np.float32)
+
+
+def glue_model(model: onnx.ModelProto, replaced: dict[str, FileLayer], watch: list[str]) -> onnx.ModelProto:
+    """The file with each ``replaced`` layer's node removed (its output becomes a
+    graph input) and the ``watch`` tensors added as outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    drop = {l.output for l in replaced.values()}
+    graph_outputs = {o.name for o in g.output}
+    keep = [n for n in g.node if not (n.output and n.output[0] in drop)]
+    del g.node[:]
+    g.node.extend(keep)
+    outs = [o for o in g.output if o.name not in drop]  # a replaced layer's output: compared directly
+    del g.output[:]
+    g.output.extend(outs)
+    for name in sorted(drop):
+        if name in graph_outputs:
+            continue
+        g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    for name in watch:
+        if name not in graph_outputs:
+            g.output.append(helper.make_empty_tensor_value_info(name))
+    return out
+
+
+def glue_checks(model: onnx.ModelProto, layers: dict[str, FileLayer], inputs: dict, totals: dict,
+                feeds: dict, outputs: list[np.ndarray], steps: dict[str, float]) -> list[LayerCheck]:
+    """Teacher-forced comparison of the module's kernel inputs and outputs with ORT."""
+    import onnxruntime as ort
+
+    folded = {name: layers[name] for name in totals}
+    watched = []
+    for name, layer in folded.items():
+        if layer.x_codes not in watched:
+            watched.append(layer.x_codes)
+    gm = glue_model(model, folded, watched)
+    extra = {l.output: layer_output(l, totals[n]) for n, l in folded.items()}
+    out_names = [o.name for o in model.graph.output]
+    run_feeds = dict(feeds)
+    run_feeds.update({k: v for k, v in extra.items() if k not in out_names})
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(gm.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    result = dict(zip(names, sess.run(None, run_feeds)))
+    for k in out_names:
+        if k in extra:
+            result[k] = extra[k]
+    checks = []
+    reader = {}
+    for name, layer in folded.items():
+        reader.setdefault(layer.x_codes, name)
+    for tensor, name in reader.items():
+        ours = inputs[name].astype(np.int64)
+        ref = np.asarray(result[tensor]).astype(np.int64)
+        checks.append(_code_check(name, "glue", tensor, ours, ref))
+    for k, ours in zip(out_names, outputs):
+        ref = np.asarray(result[k])
+        step = steps.get(k)
+        if step is None:
+            peak = float(np.abs(ref).max()) if ref.size else 0.0
+            step = peak / 127 if peak > 0 else 1.0
+        checks.append(_code_check("output", "output", k, np.round(np.asarray(ours, np.float64) / step),
+                                  np.round(ref.astype(np.float64) / step), f"step {step:.3g}"))
+    return checks
+
+
+def _code_check(layer, what, tensor, ours, ref, detail="") -> LayerCheck:
+    if ours.shape != ref.shape:
+        return LayerCheck(layer, what, tensor, int(ref.size), int(ref.size), float("inf"),
+                          f"shape {list(ours.shape)} vs {list(ref.shape)}")
+    diff = np.abs(ours - ref)
+    return LayerCheck(layer, what, tensor, int(diff.size), int((diff != 0).sum()),
+                      float(diff.max()) if diff.size else 0.0, detail)
