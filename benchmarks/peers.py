@@ -99,9 +99,10 @@ def ort_reference(path: Path, inputs: dict[str, np.ndarray]) -> PeerRun:
 
 
 def quantize_ort_int8(
-    fp32_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]]
+    fp32_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], fmt: str = "QDQ"
 ) -> Path:
-    """Static per-channel QDQ quantization with ONNX Runtime's quantizer.
+    """Static per-channel quantization with ONNX Runtime's quantizer (``fmt``:
+    ``"QDQ"`` or ``"QOperator"``).
 
     Activations QUInt8 (MinMax calibration over ``calibration``), weights QInt8
     per channel, ``reduce_range=False``: ORT's recommendation for x86 CPUs with
@@ -130,7 +131,7 @@ def quantize_ort_int8(
             str(fp32_path),
             str(out_path),
             Reader(),
-            quant_format=QuantFormat.QDQ,
+            quant_format=getattr(QuantFormat, fmt),
             per_channel=True,
             reduce_range=False,
             activation_type=QuantType.QUInt8,
@@ -180,6 +181,20 @@ def tvm_fp32(path: Path, inputs: dict[str, np.ndarray]) -> PeerRun:
 
     build_s = time.perf_counter() - t0
     return PeerRun(fn, _to_numpy_list(fn()), build_s)
+
+
+def soniq_file(path: Path, inputs: dict[str, np.ndarray]) -> PeerRun:
+    """soniq-tvm compiling a given file (an ORT-quantized one) for this host, untuned."""
+    import soniq_tvm
+
+    t0 = time.perf_counter()
+    compiled = soniq_tvm.compile(str(path), target=host_target(), probes=False)
+    build_s = time.perf_counter() - t0
+
+    def fn():
+        return compiled.run(inputs)
+
+    return PeerRun(fn, [np.asarray(o) for o in fn()], build_s)
 
 
 # --------------------------------------------------------------------------- agreement

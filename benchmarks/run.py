@@ -8,7 +8,9 @@
 Per model: build it (seeded weights) and export fp32 ONNX; quantize it with ONNX
 Runtime (static, per channel, QDQ); then time, one after another with the same
 fixed input, PyTorch fp32, ORT fp32, untuned TVM fp32, ORT INT8 and the soniq
-variants. Agreement is measured against ONNX Runtime with graph optimizations
+variants. ``ort_files``: soniq-tvm compiling ORT's own QDQ file, and ORT and
+soniq-tvm on ORT's QOperator file; ``nbits`` (BERT, GEMV): ORT's weight-only
+``MatMulNBits`` at 4 and 2 bits. Agreement is measured against ONNX Runtime with graph optimizations
 off on the *same* file (the fp32 file for fp32 rows, the QDQ file for INT8 rows).
 ``--quick`` uses the tiny models and fewer repeats (the smoke test runs it).
 """
@@ -25,12 +27,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import models, peers
+from . import models, nbits, peers
 from .soniq_rows import BuildBudget, SoniqContext, soniq_variants
 from .table import ORT_FP32, ORT_INT8, Row, failure, fill_paired, fill_ratios, format_markdown, format_table
 from .timing import measure, settle
 
-PEERS = ("torch", "ort_fp32", "tvm_fp32", "ort_int8", "soniq")
+PEERS = ("torch", "ort_fp32", "tvm_fp32", "ort_int8", "ort_files", "nbits", "soniq")
+NBITS_MODELS = ("bert", "gemv")  # MatMulNBits: matmul weights only
+SONIQ_ON_QDQ = "soniq on ORT QDQ file"
 CALIBRATION_SAMPLES = 8
 INPUT_SEED = 1
 CALIBRATION_SEED = 100
@@ -108,8 +112,30 @@ def bench_model(name: str, args, workdir: Path, soniq_budget: BuildBudget,
             int8_ref = (peers.ort_reference(qdq, x).outputs, "ORT_DISABLE_ALL, same QDQ file",
                         peers.output_step(qdq))
             add(_timed_row(label, ORT_INT8, lambda: peers.ort_fp32(qdq, x), int8_ref, **common))
+            if "ort_files" in wanted:
+                add(_timed_row(label, SONIQ_ON_QDQ, lambda: peers.soniq_file(qdq, x), int8_ref, **common))
         except Exception as exc:  # noqa: BLE001
             add(Row(label, ORT_INT8, note=f"n/a: quantization failed: {failure(exc)}"))
+    if "ort_files" in wanted:
+        qop = workdir / f"{bm.onnx_path.stem}_ort_qoperator.onnx"
+        try:
+            peers.quantize_ort_int8(bm.onnx_path, qop, calib, fmt="QOperator")
+            qop_ref = (peers.ort_reference(qop, x).outputs, "ORT_DISABLE_ALL, same QOperator file",
+                       peers.output_step(qop))
+            add(_timed_row(label, "ORT INT8 QOperator", lambda: peers.ort_fp32(qop, x), qop_ref, **common))
+            add(_timed_row(label, "soniq on ORT QOperator file", lambda: peers.soniq_file(qop, x), qop_ref,
+                           **common))
+        except Exception as exc:  # noqa: BLE001
+            add(Row(label, "ORT INT8 QOperator", note=f"n/a: quantization failed: {failure(exc)}"))
+    if "nbits" in wanted and name in NBITS_MODELS:
+        for bits in (4, 2):
+            path = workdir / f"{bm.onnx_path.stem}_nbits{bits}.onnx"
+            try:
+                nbits.quantize_nbits(bm.onnx_path, path, bits)
+                add(_timed_row(label, f"ORT MatMulNBits {bits}-bit", lambda p=path: peers.ort_fp32(p, x), fp32_ref,
+                               **common))
+            except Exception as exc:  # noqa: BLE001
+                add(Row(label, f"ORT MatMulNBits {bits}-bit", note=f"n/a: {failure(exc)}"))
     if "soniq" in wanted:
         ctx = SoniqContext(bm, x, calib, workdir, args.repeats, args.warmup, args.peer_budget_s,
                            cache_dir=args.cache_dir, build_budget=soniq_budget)

@@ -17,11 +17,52 @@ from __future__ import annotations
 
 from soniq_tvm import tvm_shim as tv
 
-from ._common import soniq_call
+from ._common import CALL_TIR, soniq_call
 
-__all__ = ["PROBE_FUNC", "add_probes"]
+__all__ = ["PROBE_FUNC", "add_probes", "ACT_PROBE"]
 
 PROBE_FUNC = "soniq_probe"
+ACT_PROBE = {"kind": "act-matmul"}
+_MATMUL = tv.op("matmul")
+_THROUGH = {tv.op(n) for n in ("astype", "subtract", "reshape")}
+
+
+def _codes(expr, defs):
+    """The 8-bit codes ``expr`` is computed from by casts, a zero-point
+    subtraction and reshapes, else None."""
+    for _ in range(8):
+        if isinstance(expr, tv.relax.Var) and expr in defs:
+            expr = defs[expr]
+            continue
+        try:
+            if tv.dtype_of(expr) in ("int8", "uint8"):
+                return expr
+        except (TypeError, ValueError, AttributeError):
+            return None
+        if isinstance(expr, tv.relax.Call) and expr.op in _THROUGH:
+            expr = expr.args[0]
+            continue
+        return None
+    return None
+
+
+def _act_matmul(value, mod, defs):
+    """``(a codes, b codes)`` if ``value`` is an activation x activation matmul."""
+    if not isinstance(value, tv.relax.Call):
+        return None
+    if value.op == _MATMUL and str(value.attrs.out_dtype) == "int32":
+        args = value.args[:2]
+    elif value.op == CALL_TIR:
+        func = mod.functions.get(value.args[0]) if hasattr(mod.functions, "get") else None
+        from soniq_tvm.schedules.cpu.actdot import ATTR
+
+        if not isinstance(func, tv.PrimFunc) or tv.prim_func_attr(func, ATTR) is None:
+            return None
+        args = list(value.args[1].fields)[:2]
+    else:
+        return None
+    a, b = _codes(args[0], defs), _codes(args[1], defs)
+    return None if a is None or b is None else (a, b)
 
 
 def add_probes(mod) -> tuple[object, list[dict]]:
@@ -29,15 +70,20 @@ def add_probes(mod) -> tuple[object, list[dict]]:
     main = mod["main"]
     func = tv.relax.utils.copy_with_new_vars(main)
     func = tv.relax.transform.ToNonDataflow()(tv.tvm.IRModule({"probe": func}))["probe"]
-    probes, exprs = [], []
+    probes, exprs, defs = [], [], {}
     for block in func.body.blocks:
         for binding in block.bindings:
+            defs[binding.var] = binding.value
             found = soniq_call(binding.value, mod)
-            if found is None:
+            if found is not None:
+                op, args = found
+                probes.append(op.to_dict())
+                exprs.extend([args[0], binding.var])
                 continue
-            op, args = found
-            probes.append(op.to_dict())
-            exprs.extend([args[0], binding.var])
+            act = _act_matmul(binding.value, mod, defs)
+            if act is not None:
+                probes.append(dict(ACT_PROBE))
+                exprs.extend([act[0], act[1], binding.var])
     body = tv.relax.BlockBuilder().normalize(
         tv.relax.SeqExpr(func.body.blocks, tv.relax.Tuple([func.body.body, tv.relax.Tuple(exprs)])))
     probe = tv.relax.Function(func.params, body, is_pure=func.is_pure, attrs=func.attrs)

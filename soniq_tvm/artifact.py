@@ -162,18 +162,24 @@ class CompiledModule:
         """Whether the module was built with the ``soniq_probe`` entry point."""
         return "probes" in self.manifest
 
-    def probe(self, *args, **kwargs) -> tuple[list[np.ndarray], list[tuple[dict, np.ndarray, np.ndarray]]]:
-        """Run the ``soniq_probe`` entry point: ``(outputs, [(qop dict, input codes,
-        int32 result) per integer kernel call])``. Needs a module compiled with
-        ``probes=True`` (the default)."""
+    def probe(self, *args, **kwargs) -> tuple[list[np.ndarray], list[tuple]]:
+        """Run the ``soniq_probe`` entry point: ``(outputs, entries)``, one entry per
+        integer kernel call, ``(qop dict, input codes, int32 result)``, and per
+        attention matmul, ``({"kind": "act-matmul"}, a codes, b codes, int32
+        result)``, in call order. Needs a module compiled with ``probes=True``
+        (the default)."""
         if not self.has_probes:
             raise ArtifactError("this module was built without probes",
                                 hint="compile it again with probes=True (the default) to check it layer by layer")
         result = self._machine()["soniq_probe"](*self._arguments(args, kwargs))
         outs = _to_numpy_list(result[0])
         pairs = _to_numpy_list(result[1])
-        probes = self.manifest["probes"]
-        return outs, [(probes[i], pairs[2 * i], pairs[2 * i + 1]) for i in range(len(probes))]
+        entries, at = [], 0
+        for p in self.manifest["probes"]:
+            n = 3 if p.get("kind") == "act-matmul" else 2
+            entries.append((p, *pairs[at:at + n]))
+            at += n
+        return outs, entries
 
     def benchmark(self, inputs, number: int = 10, repeat: int = 5) -> dict:
         """Median latency (ms) of ``repeat`` measurements, each the mean of ``number`` runs."""

@@ -69,8 +69,6 @@ def _weight_infos(model) -> dict:
 
 
 def _signature(model, shapes: dict | None) -> tuple[list, list]:
-    from onnx import helper
-
     inits = {i.name for i in model.graph.initializer}
     ins, outs = [], []
     for vi in model.graph.input:
@@ -88,13 +86,32 @@ def _signature(model, shapes: dict | None) -> tuple[list, list]:
                 raise UnsupportedModelError(
                     f"dimension {k} is dynamic ({d.dim_param or '?'}); the compiler needs static shapes",
                     tensor=vi.name, hint=f"pass shapes={{'{vi.name}': [...]}} (CLI: --shape {vi.name}=1,3,224,224)")
-        ins.append({"name": vi.name, "shape": dims,
-                    "dtype": str(np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)))})
+        ins.append({"name": vi.name, "shape": dims, "dtype": _dtype_name(model, vi)})
     for vi in model.graph.output:
         tt = vi.type.tensor_type
-        outs.append({"name": vi.name, "dtype": str(np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))),
+        outs.append({"name": vi.name, "dtype": _dtype_name(model, vi),
                      "shape": [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]})
     return ins, outs
+
+
+def _dtype_name(model, vi) -> str:
+    """numpy dtype name of a graph input/output (its declared type, else the
+    inferred one); a typed error when neither is known."""
+    from onnx import helper, shape_inference
+
+    t = vi.type.tensor_type.elem_type
+    if not t:
+        try:
+            inferred = shape_inference.infer_shapes(model)
+            t = next((v.type.tensor_type.elem_type for v in list(inferred.graph.value_info)
+                      + list(inferred.graph.output) if v.name == vi.name), 0)
+        except Exception:  # noqa: BLE001 - inference is best effort
+            t = 0
+    try:
+        return str(np.dtype(helper.tensor_dtype_to_np_dtype(t)))
+    except (KeyError, TypeError):
+        raise UnsupportedModelError("has no element type the compiler can use", tensor=vi.name,
+                                    hint="declare the type of every graph input and output") from None
 
 
 def _check_ops(model) -> None:
@@ -133,7 +150,10 @@ def _prepare(model, tgt: dict, *, shapes=None, family=None, dump_ir=None, stop_a
     from .annotation import to_int8_initializers
     from .naming import canonical_names
 
+    from .qoperator import to_qdq
+
     model, source = _model(model)
+    model = to_qdq(model)  # QOperator / integer ops, sub-byte and blocked Q/DQ -> plain QDQ
     infos = _weight_infos(model)
     ins, outs = _signature(model, shapes)
     _check_ops(model)

@@ -31,7 +31,8 @@ from .naming import node_label
 from .qop import QOp, reference
 from .survey import survey
 
-__all__ = ["FileLayer", "LayerCheck", "file_layers", "kernel_checks", "glue_checks", "MAX_FLIP_RATE"]
+__all__ = ["FileLayer", "LayerCheck", "Forced", "file_layers", "kernel_checks", "act_checks", "forced_layers",
+           "glue_checks", "MAX_FLIP_RATE"]
 
 MAX_FLIP_RATE = 1e-4  # codes that may differ by one step at fp32 near-ties
 
@@ -204,7 +205,10 @@ def kernel_checks(layers: dict[str, FileLayer], probes) -> tuple[list[LayerCheck
     """Exact check of every probed kernel call; returns the checks and, per layer,
     the module's input codes and total int32 result in the file's channel order."""
     checks, inputs, totals = [], {}, {}
-    for qd, x, acc in probes:
+    for entry in probes:
+        if entry[0].get("kind") == "act-matmul":
+            continue  # act_checks
+        qd, x, acc = entry
         op = QOp.from_dict(qd)
         layer = layers.get(op.layer)
         if layer is None:
@@ -274,45 +278,107 @@ def layer_output(layer: FileLayer, acc: np.ndarray) -> np.ndarray:
     return y.astype(np.float32)
 
 
-def glue_model(model: onnx.ModelProto, replaced: dict[str, FileLayer], watch: list[str]) -> onnx.ModelProto:
-    """The file with each ``replaced`` layer's node removed (its output becomes a
-    graph input) and the ``watch`` tensors added as outputs."""
+def glue_model(model: onnx.ModelProto, replaced: set[str], watch: list[str]) -> onnx.ModelProto:
+    """The file with the nodes producing ``replaced`` removed (those tensors become
+    graph inputs) and the ``watch`` tensors added as outputs."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    drop = {l.output for l in replaced.values()}
     graph_outputs = {o.name for o in g.output}
-    keep = [n for n in g.node if not (n.output and n.output[0] in drop)]
+    keep = [n for n in g.node if not (n.output and n.output[0] in replaced)]
     del g.node[:]
     g.node.extend(keep)
-    outs = [o for o in g.output if o.name not in drop]  # a replaced layer's output: compared directly
+    outs = [o for o in g.output if o.name not in replaced]  # a replaced tensor: compared directly
     del g.output[:]
     g.output.extend(outs)
-    for name in sorted(drop):
-        if name in graph_outputs:
-            continue
-        g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    for name in sorted(replaced):
+        if name not in graph_outputs:
+            g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     for name in watch:
         if name not in graph_outputs:
             g.output.append(helper.make_empty_tensor_value_info(name))
     return out
 
 
-def glue_checks(model: onnx.ModelProto, layers: dict[str, FileLayer], inputs: dict, totals: dict,
-                feeds: dict, outputs: list[np.ndarray], steps: dict[str, float]) -> list[LayerCheck]:
-    """Teacher-forced comparison of the module's kernel inputs and outputs with ORT."""
+@dataclass
+class Forced:
+    """What the glue check forces and compares: ``values`` (tensor -> the module's
+    float result of a kernel, replacing the file's node) and ``codes`` (tensor ->
+    (layer, the module's codes of that tensor))."""
+
+    values: dict
+    codes: dict
+
+
+def forced_layers(layers: dict[str, FileLayer], inputs: dict, totals: dict) -> Forced:
+    values = {layers[n].output: layer_output(layers[n], totals[n]) for n in totals}
+    codes = {}
+    for n in totals:
+        codes.setdefault(layers[n].x_codes, (n, inputs[n]))
+    return Forced(values, codes)
+
+
+def act_checks(model: onnx.ModelProto, acts: list) -> tuple[list[LayerCheck], Forced]:
+    """Attention matmuls: each probed ``(a codes, b codes, int32 result)``, matched
+    to the file's activation x activation MatMuls in order, checked exactly
+    against ``(a - za) @ (b - zb)`` with the file's zero points; their results and
+    operand codes join the glue check."""
+    c = _Constants(model)
+    nodes = {node_label(n, i): n for i, n in enumerate(model.graph.node)}
+    names = [s.name for s in survey(model) if s.status == "act-act"]
+    forced = Forced({}, {})
+    if len(names) != len(acts):
+        return [LayerCheck("act-matmul", "kernel", "-", 0, 0, 0.0,
+                           f"{len(acts)} probed, {len(names)} in the file: not matched, left to the glue check")], forced
+    checks = []
+    shapes = _inferred_shapes(model)
+    for name, (_, a, b, acc) in zip(names, acts):
+        node = nodes[name]
+        dqa, dqb = c.dq(node.input[0]), c.dq(node.input[1])
+        za, zb = (int(np.asarray(c.raw(d.input[2])).reshape(-1)[0]) if len(d.input) > 2 and d.input[2] else 0
+                  for d in (dqa, dqb))
+        sa, sb = (float(np.asarray(c.raw(d.input[1])).reshape(-1)[0]) for d in (dqa, dqb))
+        expect = np.matmul(a.astype(np.int64) - za, b.astype(np.int64) - zb)
+        got = acc.astype(np.int64).reshape(expect.shape) if acc.size == expect.size else acc.astype(np.int64)
+        if got.shape != expect.shape:
+            checks.append(LayerCheck(name, "kernel", node.output[0], acc.size, acc.size, float("inf"),
+                                     f"shape {list(acc.shape)} vs the file's {list(expect.shape)}"))
+            continue
+        diff = got != expect
+        checks.append(LayerCheck(name, "kernel", node.output[0], int(got.size), int(diff.sum()),
+                                 float(np.abs(got - expect).max()) if got.size else 0.0))
+        value = (got.astype(np.float32) * np.float32(sa * sb)).astype(np.float32)
+        shape = shapes.get(node.output[0])  # the module may batch the heads: the file's shape
+        forced.values[node.output[0]] = value.reshape(shape) if shape and np.prod(shape) == value.size else value
+        forced.codes.setdefault(dqa.input[0], (name, a))
+        forced.codes.setdefault(dqb.input[0], (name, b))
+    return checks, forced
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - best effort
+        return {}
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = tuple(d.dim_value for d in dims)
+    return out
+
+
+def glue_checks(model: onnx.ModelProto, forced: Forced, feeds: dict, outputs: list[np.ndarray],
+                steps: dict[str, float]) -> list[LayerCheck]:
+    """Teacher-forced comparison with ORT: the file runs with the ``forced``
+    values in place of their nodes; its codes of every forced tensor and its
+    outputs are compared with the module's."""
     import onnxruntime as ort
 
-    folded = {name: layers[name] for name in totals}
-    watched = []
-    for name, layer in folded.items():
-        if layer.x_codes not in watched:
-            watched.append(layer.x_codes)
-    gm = glue_model(model, folded, watched)
-    extra = {l.output: layer_output(l, totals[n]) for n, l in folded.items()}
     out_names = [o.name for o in model.graph.output]
+    gm = glue_model(model, set(forced.values), list(forced.codes))
     run_feeds = dict(feeds)
-    run_feeds.update({k: v for k, v in extra.items() if k not in out_names})
+    run_feeds.update({k: v for k, v in forced.values.items() if k not in out_names})
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
@@ -320,16 +386,13 @@ def glue_checks(model: onnx.ModelProto, layers: dict[str, FileLayer], inputs: di
     names = [o.name for o in sess.get_outputs()]
     result = dict(zip(names, sess.run(None, run_feeds)))
     for k in out_names:
-        if k in extra:
-            result[k] = extra[k]
+        if k in forced.values:
+            result[k] = forced.values[k]
     checks = []
-    reader = {}
-    for name, layer in folded.items():
-        reader.setdefault(layer.x_codes, name)
-    for tensor, name in reader.items():
-        ours = inputs[name].astype(np.int64)
+    for tensor, (layer, ours) in forced.codes.items():
         ref = np.asarray(result[tensor]).astype(np.int64)
-        checks.append(_code_check(name, "glue", tensor, ours, ref))
+        checks.append(_code_check(layer, "glue", tensor, ours.astype(np.int64).reshape(ref.shape)
+                                  if ours.size == ref.size else ours.astype(np.int64), ref))
     for k, ours in zip(out_names, outputs):
         ref = np.asarray(result[k])
         step = steps.get(k)

@@ -70,10 +70,29 @@ def survey(model: onnx.ModelProto) -> list[OpSurvey]:
         if x == "activation" and w == "weight":
             out.append(OpSurvey(label, n.op_type, "quantized"))
         elif x == "activation" and w == "activation" and n.op_type == "MatMul":
-            out.append(OpSurvey(label, n.op_type, "act-act"))
+            fixed = all(_one_constant(source(t)[0], constants, g) for t in n.input[:2])
+            out.append(OpSurvey(label, n.op_type, "act-act") if fixed else OpSurvey(
+                label, n.op_type, "float", "activation x activation with a scale or zero point that is not one "
+                "constant per tensor"))
         else:
             out.append(OpSurvey(label, n.op_type, "float", _float_reason(x, w, n)))
     return out
+
+
+def _one_constant(dq: onnx.NodeProto, constants: set, graph: onnx.GraphProto) -> bool:
+    """Whether a DequantizeLinear's scale and zero point are constants of one value."""
+    from onnx import numpy_helper
+
+    values = {t.name: t for t in graph.initializer}
+    for name in dq.input[1:3]:
+        if not name:
+            continue
+        if name not in constants:
+            return False
+        t = values.get(name)
+        if t is not None and len(set(numpy_helper.to_array(t).reshape(-1).tolist())) > 1:
+            return False
+    return True
 
 
 def _float_reason(x: str, w: str, node: onnx.NodeProto) -> str:
@@ -86,4 +105,6 @@ def _float_reason(x: str, w: str, node: onnx.NodeProto) -> str:
         return f"weight not quantized ({what} {node.input[1]!r})"
     if x in ("weight", "float-constant"):
         return "activation is a constant"
+    if x == "activation" and w == "activation":
+        return f"weight {node.input[1]!r} is computed at run time (not a constant)"
     return f"activation not quantized ({node.input[0]!r} is float)"

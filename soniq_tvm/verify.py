@@ -173,13 +173,21 @@ def verify(model, compiled=None, *, target="llvm", inputs: dict | None = None, s
     if not (layers and compiled.has_probes):
         ours = compiled.run(inputs)
         return VerifyReport(tuple(compare(n, o, r, steps.get(n)) for n, o, r in zip(names, ours, ref)))
-    from .layercheck import file_layers, glue_checks, kernel_checks
+    from .layercheck import act_checks, file_layers, forced_layers, glue_checks, kernel_checks
+    from .qoperator import to_qdq
+    from .survey import survey
 
     ours, probes = compiled.probe(inputs)
-    file = file_layers(proto)
+    qdq = to_qdq(proto)  # QOperator files: the layers as the compiler reads them
+    file = file_layers(qdq)
     checks, layer_inputs, totals = kernel_checks(file, probes)
-    checks += glue_checks(proto, file, layer_inputs, totals, inputs, ours, steps)
-    order = {name: i for i, name in enumerate(file)}
+    acts, forced_acts = act_checks(qdq, [p for p in probes if p[0].get("kind") == "act-matmul"])
+    forced = forced_layers(file, layer_inputs, totals)
+    forced.values.update(forced_acts.values)
+    for k, v in forced_acts.codes.items():
+        forced.codes.setdefault(k, v)
+    checks += acts + glue_checks(qdq, forced, inputs, ours, steps)
+    order = {s.name: i for i, s in enumerate(survey(qdq))}
 
     def rank(c):
         base = c.layer.split("[g")[0]

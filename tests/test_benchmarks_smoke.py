@@ -196,3 +196,50 @@ def test_fill_paired_pairs_timed_rows_and_skips_the_rest(bench):
     fresh = [timed(ORT_INT8, 1.0, work(10)), timed("soniq {2,8}", 2.0, work(10))]
     fill_paired(fresh, rounds=0, per_round=7)  # --pair-rounds 0: pairing off
     assert all(r.paired_ort_int8 is None for r in fresh)
+
+
+@pytest.mark.torch
+def test_quick_run_has_ort_file_and_nbits_rows(bench, tmp_path):
+    """soniq-tvm on ORT's own QDQ and QOperator files beside ORT on them, and
+    ORT's weight-only MatMulNBits peer (GEMV: 4 and 2 bits)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from benchmarks import run
+
+    result = run.run(["--quick", "--models", "gemv", "--peers", "ort_int8,ort_files,nbits", "--repeats", "3",
+                      "--warmup", "1", "--pair-rounds", "1", "--out", str(tmp_path / "r.json")], log=lambda s: None)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["ORT INT8 QDQ", "soniq on ORT QDQ file", "ORT INT8 QOperator",
+                          "soniq on ORT QOperator file", "ORT MatMulNBits 4-bit", "ORT MatMulNBits 2-bit"]
+    for name, r in rows.items():
+        assert r["note"] == "" and r["timing"]["median_ms"] > 0, (name, r["note"])
+    for name in ("soniq on ORT QDQ file", "soniq on ORT QOperator file"):
+        assert rows[name]["agreement"]["match_fraction"] >= 0.99  # one Gemm: the same codes
+        assert rows[name]["paired_ort_int8"] > 0
+
+
+def test_nbits_packing_matches_ort(bench, tmp_path):
+    """The MatMulNBits peer computes x @ dequantized weights, as packed here."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks import nbits
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((80, 24)).astype(np.float32)  # K=80 (not a block multiple), N=24
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 80])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 24])],
+                          [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "mm.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(src))
+    x = rng.standard_normal((3, 80)).astype(np.float32)
+    for bits in (4, 2):
+        out = nbits.quantize_nbits(src, tmp_path / f"mm{bits}.onnx", bits, block=32)
+        y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        packed, scales = nbits.pack_nbits(w.T, bits, 32)
+        per = 8 // bits
+        q = np.stack([(packed.astype(np.int64) >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], -1)
+        deq = (q.reshape(24, -1, 32) - (1 << (bits - 1))) * scales.reshape(24, -1, 1)
+        np.testing.assert_allclose(y, x @ deq.reshape(24, -1)[:, :80].T, rtol=1e-4, atol=1e-4)

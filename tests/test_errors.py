@@ -101,15 +101,32 @@ def test_annotation_contradicts_max_min(conv):
 
 
 def test_unsupported_operator_names_node_and_opset():
-    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 4, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1, 3, 3])
-    w = helper.make_tensor("w", TensorProto.UINT8, [1, 1, 2, 2], [1, 2, 3, 4])
-    node = helper.make_node("ConvInteger", ["x", "w"], ["y"], name="my_conv_integer")
-    m = helper.make_model(helper.make_graph([node], "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 21)])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    node = helper.make_node("Det", ["x"], ["y"], name="my_det")
+    m = helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
     with pytest.raises(UnsupportedModelError) as e:
         soniq_tvm.compile(m)
-    assert "my_conv_integer" in str(e.value) and "ConvInteger" in str(e.value) and "21" in str(e.value)
+    assert "my_det" in str(e.value) and "Det" in str(e.value) and "21" in str(e.value)
+
+
+def test_conv_integer_compiles_exactly():
+    """ConvInteger (once refused) runs as the exact integer convolution."""
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1, 3, 3])
+    w = helper.make_tensor("w", TensorProto.UINT8, [1, 1, 2, 2], [1, 2, 3, 4])
+    z = helper.make_tensor("z", TensorProto.UINT8, [], [7])
+    node = helper.make_node("ConvInteger", ["x", "w", "z"], ["y"], name="my_conv_integer")
+    m = helper.make_model(helper.make_graph([node], "g", [x], [y], [w, z]),
+                          opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    xv = np.arange(16, dtype=np.uint8).reshape(1, 1, 4, 4) * 13
+    out = soniq_tvm.compile(m).run({"x": xv})[0]
+    xi = xv.astype(np.int64)[0, 0] - 7
+    expect = np.array([[(xi[i:i + 2, j:j + 2] * [[1, 2], [3, 4]]).sum() for j in range(3)] for i in range(3)])
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out[0, 0], expect)
 
 
 def test_dynamic_shape_needs_shapes(rng):

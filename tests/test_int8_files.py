@@ -21,6 +21,7 @@ pytest.importorskip("onnxruntime")
 import soniq_tvm  # noqa: E402
 from soniq_tvm.compiler import FloatLayerWarning  # noqa: E402
 from soniq_tvm.naming import canonical_names, safe_name  # noqa: E402
+from soniq_tvm.qoperator import to_qdq  # noqa: E402
 from soniq_tvm.survey import survey  # noqa: E402
 from soniq_tvm.verify import ort_reference, verify  # noqa: E402
 
@@ -34,6 +35,9 @@ VARIANTS = [
     ("resnet-s8-per-tensor", "resnet18", dict(activation="QInt8", per_channel=False)),
     ("bert-u8", "bert", dict(activation="QUInt8", per_channel=True)),
     ("bert-s8", "bert", dict(activation="QInt8", per_channel=True)),
+    # QOperator: QLinearConv / QGemm / QLinearAdd / QLinearGlobalAveragePool; QLinearMatMul / QLinearSoftmax
+    ("resnet-qoperator", "resnet18", dict(fmt="QOperator")),
+    ("bert-qoperator", "bert", dict(fmt="QOperator")),
 ]
 
 
@@ -61,7 +65,7 @@ def test_exporter_names_are_the_premise(files):
 def test_every_quantized_op_folds_and_matches_ort(files, vid):
     _, path, x = files[vid]
     model = onnx.load(path)
-    ops = survey(model)
+    ops = survey(to_qdq(model))  # QOperator files: the ops as the compiler reads them
     with warnings.catch_warnings():
         warnings.simplefilter("error", FloatLayerWarning)
         m = soniq_tvm.compile(path)
