@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import soniq_tvm
     from soniq_tvm import models
     from soniq_tvm.annotation import save_model
-    from soniq_tvm.verify import compare, ort_reference, output_steps
+    from soniq_tvm.verify import ort_reference, verify
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,17 +61,13 @@ def main(argv=None) -> int:
     print(f"saved and reloaded {saved}")
 
     inputs = models.example_inputs(proto, seed=0)
-    ours = m.run(inputs)
-    ref = ort_reference(proto, inputs)
-    steps = output_steps(proto)
-    ok = True
-    for spec, y, r in zip(m.outputs, ours, ref):
-        agreement = compare(spec["name"], y, r, steps.get(spec["name"]))
-        ok &= agreement.ok
-        print(f"vs ONNX Runtime (ORT_DISABLE_ALL): {spec['name']}: {agreement.identical * 100:.2f}% codes identical, "
-              f"max {agreement.max_steps} step(s) -> {'OK' if agreement.ok else 'MISMATCH'}")
+    report = verify(proto, m, inputs=inputs)  # the check the tests use: layer by layer
+    ok = report.ok
+    print("verify against ONNX Runtime (ORT_DISABLE_ALL), layer by layer:")
+    print("  " + str(report).replace("\n", "\n  "))
+    for spec, y, r in zip(m.outputs, m.run(inputs), ort_reference(proto, inputs)):
         if y.ndim == 2:
-            print(f"  prediction: soniq-tvm {int(y.argmax())}, ONNX Runtime {int(r.argmax())}")
+            print(f"  prediction {spec['name']}: soniq-tvm {int(y.argmax())}, ONNX Runtime {int(r.argmax())}")
 
     ours_ms = m.benchmark(inputs, number=max(1, a.runs // 5), repeat=5)["median_ms"]
     ref_ms = _ort_latency(onnx_path, inputs, "ORT_DISABLE_ALL", a.runs)
