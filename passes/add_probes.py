@@ -25,25 +25,47 @@ PROBE_FUNC = "soniq_probe"
 ACT_PROBE = {"kind": "act-matmul"}
 _MATMUL = tv.op("matmul")
 _THROUGH = {tv.op(n) for n in ("astype", "subtract", "reshape")}
+_INT_CHAIN = {tv.op(n) for n in ("reshape", "subtract", "add")}
 
 
 def _codes(expr, defs):
-    """The 8-bit codes ``expr`` is computed from by casts, a zero-point
-    subtraction and reshapes, else None."""
-    for _ in range(8):
+    """The 8-bit codes ``expr`` is computed from by casts, zero-point
+    subtractions and reshapes (the earliest such tensor: a ``b - 128`` shift to
+    int8 made for the kernel is looked through), else None."""
+    found = None
+    for _ in range(12):
         if isinstance(expr, tv.relax.Var) and expr in defs:
             expr = defs[expr]
             continue
         try:
             if tv.dtype_of(expr) in ("int8", "uint8"):
-                return expr
+                found = expr
         except (TypeError, ValueError, AttributeError):
-            return None
+            return found
         if isinstance(expr, tv.relax.Call) and expr.op in _THROUGH:
             expr = expr.args[0]
             continue
-        return None
-    return None
+        return found
+    return found
+
+
+def _result(var, defs, users):
+    """The last int32 value of the chain ``var`` starts (reshape, zero-point
+    corrections), before the float rescale."""
+    for _ in range(12):
+        nxt = users.get(var, [])
+        if len(nxt) != 1:
+            return var
+        value = defs[nxt[0]]
+        if not (isinstance(value, tv.relax.Call) and value.op in _INT_CHAIN):
+            return var
+        try:
+            if tv.dtype_of(nxt[0]) != "int32":
+                return var
+        except (TypeError, ValueError, AttributeError):
+            return var
+        var = nxt[0]
+    return var
 
 
 def _act_matmul(value, mod, defs):
@@ -70,10 +92,16 @@ def add_probes(mod) -> tuple[object, list[dict]]:
     main = mod["main"]
     func = tv.relax.utils.copy_with_new_vars(main)
     func = tv.relax.transform.ToNonDataflow()(tv.tvm.IRModule({"probe": func}))["probe"]
-    probes, exprs, defs = [], [], {}
+    probes, exprs, defs, users = [], [], {}, {}
     for block in func.body.blocks:
         for binding in block.bindings:
             defs[binding.var] = binding.value
+            if isinstance(binding.value, tv.relax.Call):
+                for arg in binding.value.args:
+                    if isinstance(arg, tv.relax.Var):
+                        users.setdefault(arg, []).append(binding.var)
+    for block in func.body.blocks:
+        for binding in block.bindings:
             found = soniq_call(binding.value, mod)
             if found is not None:
                 op, args = found
@@ -81,9 +109,9 @@ def add_probes(mod) -> tuple[object, list[dict]]:
                 exprs.extend([args[0], binding.var])
                 continue
             act = _act_matmul(binding.value, mod, defs)
-            if act is not None:
+            if act is not None:  # the result after any zero-point correction
                 probes.append(dict(ACT_PROBE))
-                exprs.extend([act[0], act[1], binding.var])
+                exprs.extend([act[0], act[1], _result(binding.var, defs, users)])
     body = tv.relax.BlockBuilder().normalize(
         tv.relax.SeqExpr(func.body.blocks, tv.relax.Tuple([func.body.body, tv.relax.Tuple(exprs)])))
     probe = tv.relax.Function(func.params, body, is_pure=func.is_pure, attrs=func.attrs)

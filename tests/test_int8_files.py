@@ -79,10 +79,24 @@ def test_every_quantized_op_folds_and_matches_ort(files, vid):
         assert layer.groups, layer.name
         for g in layer.groups:
             assert g.family not in REFERENCE_FAMILIES, (layer.name, g.family)
+    acts = [s.name for s in ops if s.status == "act-act"]
+    if acts:  # attention (u8 codes with zero points) on the dot-product kernels, where the host has one
+        import re
+
+        noted = [int(re.match(r"(\d+) activation x activation", n).group(1)) for n in plan.notes
+                 if re.match(r"\d+ activation x activation", n)]
+        assert noted == [len(acts)] or not _has_dot_kernel(), plan.notes
     report = verify(model, m, inputs=x)
     assert report.ok, str(report)
     kernels = [c for c in report.layers if c.what == "kernel"]
     assert len(kernels) >= len(quantized) and all(c.differing == 0 for c in kernels)
+
+
+def _has_dot_kernel() -> bool:
+    from soniq_tvm.schedules.cpu import _isa
+
+    feats = _isa.host_features()
+    return "avx2" in feats or {"avx512f", "avx512bw", "avx512vnni"} <= feats
 
 
 def test_fp32_file_lists_every_op_as_float(files):
@@ -148,3 +162,53 @@ def test_canonical_names_are_safe_unique_and_keep_outputs():
     for mdl in (model, out):
         sess = ort.InferenceSession(mdl.SerializeToString(), providers=["CPUExecutionProvider"])
         np.testing.assert_array_equal(sess.run(None, {"x": x})[0], np.full((2, 2), 6, np.float32))
+
+
+def _act_act_file(za: int, zb: int, b_type=TensorProto.UINT8):
+    """Q.K^T-like matmul of two dequantized activations with zero points (as ORT writes them)."""
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "sa"),
+             numpy_helper.from_array(np.array(za, np.uint8), "za"),
+             numpy_helper.from_array(np.array(0.03, np.float32), "sb"),
+             numpy_helper.from_array(np.array(zb, np.uint8 if b_type == TensorProto.UINT8 else np.int8), "zb")]
+    nodes = [helper.make_node("QuantizeLinear", ["a", "sa", "za"], ["aq"]),
+             helper.make_node("DequantizeLinear", ["aq", "sa", "za"], ["ad"]),
+             helper.make_node("QuantizeLinear", ["b", "sb", "zb"], ["bq"]),
+             helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["bd"]),
+             helper.make_node("MatMul", ["ad", "bd"], ["y"], name="scores")]
+    g = helper.make_graph(nodes, "actact", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 2, 24, 40]),
+                                            helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 2, 40, 20])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 24, 20])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+
+
+@pytest.mark.parametrize("za,zb,b_type", [(7, 200, TensorProto.UINT8), (0, 131, TensorProto.UINT8),
+                                          (250, 0, TensorProto.UINT8), (3, -5, TensorProto.INT8)])
+@pytest.mark.parametrize("target", ["llvm", "llvm -mcpu=haswell"])
+def test_attention_matmul_with_zero_points(za, zb, b_type, target):
+    """Both operands' zero points folded around the dot-product kernel, exactly."""
+    from soniq_tvm.schedules.cpu import _isa
+
+    if "haswell" in target and "avx2" not in _isa.host_features():
+        pytest.skip("host has no AVX2 to run the haswell build")
+    model = _act_act_file(za, zb, b_type)
+    m = soniq_tvm.compile(model, target=target)
+    assert any(n.startswith("1 activation x activation") for n in m.plan.notes), m.plan.notes
+    rng = np.random.default_rng(0)
+    x = {"a": (rng.standard_normal((1, 2, 24, 40)) * 4).astype(np.float32),
+         "b": (rng.standard_normal((1, 2, 40, 20)) * 3).astype(np.float32)}
+    report = verify(model, m, inputs=x)
+    assert report.ok, str(report)
+    kernel = [c for c in report.layers if c.what == "kernel"]
+    assert len(kernel) == 1 and kernel[0].differing == 0 and kernel[0].count == 2 * 24 * 20
+    # and the numbers: exact integer product of the codes ORT computes
+    ort_codes = ort_reference(_with_outputs(model, ["aq", "bq"]), x)[1:]
+    exact = np.matmul(ort_codes[0].astype(np.int64) - za, ort_codes[1].astype(np.int64) - zb)
+    np.testing.assert_array_equal(np.round(m.run(x)[0] / np.float32(0.05 * 0.03)).astype(np.int64), exact)
+
+
+def _with_outputs(model, names):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in names:
+        out.graph.output.append(helper.make_empty_tensor_value_info(n))
+    return out

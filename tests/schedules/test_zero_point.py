@@ -32,8 +32,8 @@ SHAPES = [
     ("matmul", "matmul", dict(x=(37, 96), w=(96, 64))),
     ("gemv-k13", "matmul", dict(x=(1, 13), w=(13, 24))),
 ]
-U8_ZEROS = [1, 3, 128, 255]
-S8_ZEROS = [-128, -5, 77]
+U8_ZEROS = [3, 128, 255]
+S8_ZEROS = [-128, 77]
 
 
 def _op(kind, kw, signed, zero):
@@ -41,7 +41,7 @@ def _op(kind, kw, signed, zero):
 
 
 @pytest.mark.parametrize("name,kind,kw", SHAPES, ids=[s[0] for s in SHAPES])
-@pytest.mark.parametrize("signed,zero", [(False, z) for z in U8_ZEROS] + [(True, z) for z in S8_ZEROS])
+@pytest.mark.parametrize("signed,zero", [(False, 255), (True, -128)])
 def test_references(name, kind, kw, signed, zero):
     for fam in ("int8-ref", "bitplane-ref"):
         check(fam, _op(kind, kw, signed, zero), HOST_T)
@@ -56,7 +56,7 @@ def test_vnni(name, kind, kw, signed, zero):
 
 @needs_avx2
 @pytest.mark.parametrize("name,kind,kw", SHAPES, ids=[s[0] for s in SHAPES])
-@pytest.mark.parametrize("signed,zero", [(False, 3), (False, 255), (True, -128), (True, 77)])
+@pytest.mark.parametrize("signed,zero", [(False, 3), (True, 77)])
 def test_avx2(name, kind, kw, signed, zero):
     check("x86-avx2-dot", _op(kind, kw, signed, zero), AVX2)
 
