@@ -118,10 +118,13 @@ def format_markdown(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def fill_paired(rows: list[Row], rounds: int, per_round: int, log=None, max_ratio: float = 50.0) -> None:
+def fill_paired(rows: list[Row], rounds: int, per_round: int, log=None, max_seconds: float = 30.0) -> None:
     """Set ``paired_ort_int8`` of every timed row of one model that kept its call
-    (``fn``), against that model's ORT INT8 row; rows over ``max_ratio`` times
-    slower (untuned TVM: seconds a call) are left out. ``rounds`` 0: nothing."""
+    (``fn``), against that model's ORT INT8 row; a row whose paired rounds would
+    take over ``max_seconds`` (untuned TVM: seconds a call) is left out. The cut is
+    on wall time, not on the ratio: a tiny model's ORT call takes microseconds, so
+    a peer with a fixed per-call overhead (PyTorch) can be 50x slower and still
+    cheap to pair. ``rounds`` 0: nothing."""
     from .timing import paired_ratio
 
     ref = next((r for r in rows if r.variant == ORT_INT8 and r.fn is not None and r.timing), None)
@@ -129,7 +132,9 @@ def fill_paired(rows: list[Row], rounds: int, per_round: int, log=None, max_rati
         return
     ref.paired_ort_int8 = 1.0
     for r in rows:
-        if r is ref or r.fn is None or r.timing is None or r.timing.median_ms > max_ratio * ref.timing.median_ms:
+        if r is ref or r.fn is None or r.timing is None or (
+            r.timing.median_ms + ref.timing.median_ms
+        ) * 1e-3 * rounds * per_round > max_seconds:
             continue
         med, p10, p90 = paired_ratio(r.fn, ref.fn, rounds, per_round)
         r.paired_ort_int8, r.paired_spread = med, (p10, p90)

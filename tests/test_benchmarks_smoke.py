@@ -179,17 +179,19 @@ def test_fill_paired_pairs_timed_rows_and_skips_the_rest(bench):
     rows = [
         timed(ORT_INT8, 1.0, work(20_000)),
         timed("soniq {2,8}", 2.0, work(40_000)),
-        timed("TVM fp32 (untuned)", 60.0, work(40_000)),  # over 50x ORT INT8: not paired
+        timed("TVM fp32 (untuned)", 6000.0, work(40_000)),  # 3 x 2 x 6 s > 30 s of pairing: not paired
+        timed("PyTorch fp32", 60.0, work(40_000)),  # 60x slower yet cheap to pair: paired
         Row("m", "broken", note="n/a: x", fn=work(1)),  # no timing: not paired
         timed("no call", 1.0, None),  # no fn: not paired
     ]
     logged = []
     fill_paired(rows, rounds=3, per_round=2, log=logged.append)
-    ref, soniq, tvm, broken, no_call = rows
+    ref, soniq, tvm, torch_row, broken, no_call = rows
     assert ref.paired_ort_int8 == 1.0
     assert soniq.paired_ort_int8 > 0 and soniq.paired_spread[0] <= soniq.paired_ort_int8 <= soniq.paired_spread[1]
     assert tvm.paired_ort_int8 is None and broken.paired_ort_int8 is None and no_call.paired_ort_int8 is None
-    assert len(logged) == 1 and "soniq {2,8}" in logged[0] and "paired" in logged[0]
+    assert torch_row.paired_ort_int8 > 0
+    assert len(logged) == 2 and "soniq {2,8}" in logged[0] and "paired" in logged[0]
     d = soniq.to_dict()
     assert "fn" not in d and d["paired_spread"] == list(soniq.paired_spread)
 
