@@ -31,6 +31,7 @@ _UNARY = {tv.op(n) for n in ("nn.relu", "astype", "clip", "sigmoid", "tanh", "ne
 _QDQ = {tv.op("quantize"), tv.op("dequantize")}
 _POOL = {tv.op(n) for n in ("nn.max_pool2d", "nn.avg_pool2d", "nn.adaptive_avg_pool2d")}
 _RESHAPE = tv.op("reshape")
+_RETAG = "retag"  # rewrite key (_RETAG, GlobalVar): a kernel whose output channels were reordered
 _BINARY = {tv.op(n) for n in ("add", "subtract", "multiply", "divide", "maximum", "minimum")}
 
 
@@ -44,7 +45,6 @@ def _const_permuted(value: np.ndarray, out_rank: int, axis: int, perm: np.ndarra
 class _Folder:
     def __init__(self, mod, func):
         self.mod = mod
-        self.new_funcs: dict = {}  # kernels whose output channels were reordered: GlobalVar -> retagged PrimFunc
         self.defs: dict = {}
         self.uses: dict = {}
         for block in func.body.blocks:
@@ -89,9 +89,10 @@ class _Folder:
             # the kernel's QOp records which of the file's channels each output is
             old = np.asarray(op.out_index or range(op.out_channels), np.int64)
             gv = value.args[0]  # one call per kernel: its QOp names the layer and group
-            self.new_funcs[gv] = self.mod[gv].with_attr(
+            # the retagged kernel travels with the rewrite: applied only if the whole push is
+            retag = self.mod[gv].with_attr(
                 "soniq.qop", op.with_(out_index=tuple(int(i) for i in old[perm])).to_json())
-            return {var: tv.relax.Call(CALL_TIR, [gv, new_args], value.attrs, value.ty_args)}
+            return {var: tv.relax.Call(CALL_TIR, [gv, new_args], value.attrs, value.ty_args), (_RETAG, gv): retag}
         if value.op == _TAKE and var.name.startswith("soniq_unperm") and int(value.attrs.axis) % rank == axis:
             inner = tv.const_value(value.args[1])
             return {var: tv.relax.Call(_TAKE, [value.args[0], tv.const(inner[perm])], value.attrs)}
@@ -161,9 +162,10 @@ def _fold_function(mod, func, new_funcs: dict):
         if sub is not None and not (set(sub) & set(rewrites)):
             rewrites.update(sub)
             rewrites.update({g: src for g in gathers})  # each gather becomes an alias
+    retags = [k for k in rewrites if isinstance(k, tuple) and k[0] == _RETAG]
+    new_funcs.update({k[1]: rewrites.pop(k) for k in retags})
     if not rewrites:
         return func
-    new_funcs.update(folder.new_funcs)
     blocks = []
     for block in func.body.blocks:
         bindings = [tv.relax.VarBinding(b.var, rewrites.get(b.var, b.value)) for b in block.bindings]

@@ -32,9 +32,16 @@ from soniq_tvm.errors import UnsupportedModelError
 from soniq_tvm.qop import QOp
 from soniq_tvm.schedules import registry
 
-from ._common import bound_value, emit_qop, module_pass, per_channel
+from ._common import PERM_PREFIX, bound_value, emit_qop, module_pass, per_channel
+from .split_groups import channel_groups
 
-__all__ = ["WeightInfo", "FoldQDQ"]
+__all__ = ["WeightInfo", "FoldQDQ", "MAX_SCALE_GROUPS", "ACT_KEY"]
+
+ACT_KEY = "#act"  # declined[f"#act{i}"]: why the i-th activation x activation matmul stayed float
+
+# an activation whose channels carry more distinct (scale, zero point) pairs than
+# this stays float: each group is one more integer kernel and one more float term
+MAX_SCALE_GROUPS = 8
 
 _CONV, _MATMUL = tv.op("nn.conv2d"), tv.op("matmul")
 _DQ, _Q = tv.op("dequantize"), tv.op("quantize")
@@ -65,6 +72,7 @@ class _Folder(tv.PyExprMutator):
         self.target = target
         self.ref = registry.get("int8-ref")
         self.declined = declined if declined is not None else {}
+        self.act_count = 0  # activation x activation matmuls seen, in order
 
     def _decline(self, layer: str, reason: str):
         """Record why the quantized op of ``layer`` stays float; returns None."""
@@ -89,20 +97,18 @@ class _Folder(tv.PyExprMutator):
 
     # ---- activation side --------------------------------------------------
     def _activation(self, dq, channel_axis: int, layer: str):
-        """(integer codes, scale, bits per channel, signed, zero point)."""
+        """(integer codes, scale per channel, bits per channel, signed, zero point
+        per channel), or None (recorded in ``declined``) when the scales are not
+        constants or vary along another axis than the channels."""
         x, sx, zx = dq.args
         s, z = self._value(sx), self._value(zx)
         if s is None or z is None:
             return self._decline(layer, "activation scale or zero point is not a constant")
-        if np.unique(s).size != 1:
-            raise UnsupportedModelError(
-                "activation scale varies per channel; integer folding needs one scale per tensor",
-                node=layer, tensor=tv.var_name(sx) if isinstance(sx, tv.relax.Var) else None,
-                hint="export activations with a per-tensor scale (per-channel bits stay per channel)")
-        z = int(np.unique(z)[0]) if np.unique(z).size == 1 else None
-        if z is None:
-            raise UnsupportedModelError("activation zero point varies per channel", node=layer)
         shape = tv.shape_of(x)
+        scales = _along_channels(s, dq, shape, channel_axis)
+        zeros = _along_channels(z, dq, shape, channel_axis)
+        if scales is None or zeros is None:
+            return self._decline(layer, "activation scale varies along an axis other than the channels")
         dtype = tv.dtype_of(x)
         info = np.iinfo(dtype)
         lo = np.full(shape[channel_axis], info.min, np.int64)
@@ -131,12 +137,23 @@ class _Folder(tv.PyExprMutator):
         signed = info.min < 0
         # the zero point goes to the kernel (QOp.a_zero), which folds it exactly:
         # the codes stay as stored (u8 x s8 for the dot-product instructions)
-        lo, hi = np.minimum(lo, z), np.maximum(hi, z)
+        zi = zeros.astype(np.int64)
+        lo, hi = np.minimum(lo, zi), np.maximum(hi, zi)
         if signed:
             bits = _bits_of(np.minimum(lo, -1 - hi), np.maximum(hi, -1 - lo))
         else:
             bits = _bits_of(np.zeros_like(lo), hi)
-        return x, float(s.reshape(-1)[0]), tuple(int(b) for b in bits), signed, z
+        return x, scales.astype(np.float32), tuple(int(b) for b in bits), signed, zi
+
+    def _scale_groups(self, layer: str, scales: np.ndarray, zeros: np.ndarray):
+        """Input channels grouped by (scale, zero point), or None (declined) when
+        there are more groups than integer kernels pay for."""
+        groups = channel_groups(zip(scales.tolist(), zeros.tolist()))
+        if len(groups) > MAX_SCALE_GROUPS:
+            return self._decline(
+                layer, f"activation has {len(groups)} scale groups (integer kernels up to {MAX_SCALE_GROUPS}): "
+                       "float over the dequantized codes")
+        return groups
 
     # ---- weight side ------------------------------------------------------
     def _weight(self, expr):
@@ -201,14 +218,61 @@ class _Folder(tv.PyExprMutator):
             kind="conv2d", layer=info.node, x_shape=tv.shape_of(x), w_shape=tuple(wv.shape),
             w_bits=tuple(info.bits) if len(info.bits) > 1 else (info.bits[0],) * (wv.shape[info.axis]),
             a_bits=a_bits_w, w_axis=w_axis, w_signed=info.signed, a_signed=a_signed, a_dtype=tv.dtype_of(x),
-            a_zero=a_zero, strides=tuple(int(v) for v in a.strides), padding=tuple(int(v) for v in a.padding),
+            a_zero=int(a_zero[0]), strides=tuple(int(v) for v in a.strides), padding=tuple(int(v) for v in a.padding),
             dilation=tuple(int(v) for v in a.dilation), groups=groups,
         )
+        sw_o = np.broadcast_to(sw.astype(np.float32).reshape(-1), (o,))
         if groups > 1:
             op = op.with_(w_bits=(max(op.w_bits),) * len(op.w_bits), group=0)
-        acc = emit_qop(self.builder_, op, x, [wv.astype(np.int8)], self.ref, self.target)
-        scale = (sx * np.broadcast_to(sw.astype(np.float32), (o,))).reshape(1, o, 1, 1).astype(np.float32)
-        return tv.relax.op.multiply(tv.relax.op.astype(acc, "float32"), tv.const(scale))
+            # each output reads one conv group's channels: a scale constant inside every
+            # conv group (depthwise: any per-channel scale) factorises per output channel
+            cg = wv.shape[1]
+            per_group_s, per_group_z = sx.reshape(groups, cg), a_zero.reshape(groups, cg)
+            if (per_group_s != per_group_s[:, :1]).any():
+                self._decline(info.node, "activation scale varies inside a conv group")
+                return call
+            if (a_zero != a_zero[0]).any():
+                self._decline(info.node, "grouped conv with per-channel activation zero points")
+                return call
+            acc = emit_qop(self.builder_, op, x, [wv.astype(np.int8)], self.ref, self.target)
+            s_out = np.repeat(per_group_s[:, 0], o // groups)
+            scale = (s_out * sw_o).reshape(1, o, 1, 1).astype(np.float32)
+            return tv.relax.op.multiply(tv.relax.op.astype(acc, "float32"), tv.const(scale))
+        sgroups = self._scale_groups(info.node, sx, a_zero)
+        if sgroups is None:
+            return call
+        parts = self._group_inputs(x, 1, sgroups, info.node)
+        out = None
+        for g, (idx, xs) in enumerate(parts):
+            sub = op
+            if len(parts) > 1:
+                sub = op.with_(x_shape=tuple(tv.shape_of(xs)), w_shape=(o, len(idx)) + tuple(wv.shape[2:]),
+                               a_bits=tuple(a_bits[i] for i in idx), a_zero=int(a_zero[idx[0]]), group=g,
+                               w_bits=tuple(op.w_bits[i] for i in idx) if w_axis == "in" else op.w_bits,
+                               in_index=tuple(int(i) for i in idx))
+            acc = emit_qop(self.builder_, sub, xs, [np.ascontiguousarray(wv[:, idx].astype(np.int8))],
+                           self.ref, self.target)
+            scale = (sx[idx[0]] * sw_o).reshape(1, o, 1, 1).astype(np.float32)
+            out = _accumulate(self.builder_, out, acc, scale, last=g == len(parts) - 1)
+        return out
+
+    def _group_inputs(self, x, axis: int, sgroups, layer: str):
+        """[(channel indices, activation slice)] for each scale group: one gather
+        puts the groups' channels side by side (folded into the producer later when
+        legal), then one slice per group."""
+        if len(sgroups) == 1:
+            return [(sgroups[0], x)]
+        perm = np.concatenate(sgroups)
+        if not np.array_equal(perm, np.arange(perm.size)):
+            x = self.builder_.emit(tv.relax.op.take(x, tv.const(perm), axis=axis),
+                                   f"{PERM_PREFIX}_{_safe(layer)}")
+        parts, start = [], 0
+        for idx in sgroups:
+            end = start + len(idx)
+            parts.append((idx, self.builder_.emit(
+                tv.relax.op.strided_slice(x, axes=[axis], begin=[start], end=[end]), "soniq_xs")))
+            start = end
+        return parts
 
     def _fold_matmul(self, call, dq_x, wv, info: WeightInfo, sw, dq_axis: int, transposed: bool):
         if wv.ndim != 2:
@@ -229,31 +293,128 @@ class _Folder(tv.PyExprMutator):
             kind="matmul", layer=info.node, x_shape=x_shape, w_shape=tuple(w.shape),
             w_bits=tuple(info.bits) if len(info.bits) > 1 else (info.bits[0],) * count,
             a_bits=a_bits, w_axis=w_axis, w_signed=info.signed, a_signed=a_signed, a_dtype=tv.dtype_of(x),
-            a_zero=a_zero,
+            a_zero=int(a_zero[0]),
         )
-        acc = emit_qop(self.builder_, op, x, [np.ascontiguousarray(w.astype(np.int8))], self.ref, self.target)
-        scale = (sx * np.broadcast_to(sw.astype(np.float32).reshape(-1), (n,))).astype(np.float32)
-        return tv.relax.op.multiply(tv.relax.op.astype(acc, "float32"), tv.const(scale))
+        sgroups = self._scale_groups(info.node, sx, a_zero)
+        if sgroups is None:
+            return call
+        sw_n = np.broadcast_to(sw.astype(np.float32).reshape(-1), (n,))
+        parts = self._group_inputs(x, len(x_shape) - 1, sgroups, info.node)
+        out = None
+        for g, (idx, xs) in enumerate(parts):
+            sub = op
+            if len(parts) > 1:
+                sub = op.with_(x_shape=tuple(tv.shape_of(xs)), w_shape=(len(idx), n),
+                               a_bits=tuple(a_bits[i] for i in idx), a_zero=int(a_zero[idx[0]]), group=g,
+                               w_bits=tuple(op.w_bits[i] for i in idx) if w_axis == "in" else op.w_bits,
+                               in_index=tuple(int(i) for i in idx))
+            acc = emit_qop(self.builder_, sub, xs, [np.ascontiguousarray(w[idx].astype(np.int8))],
+                           self.ref, self.target)
+            scale = (sx[idx[0]] * sw_n).astype(np.float32)
+            out = _accumulate(self.builder_, out, acc, scale, last=g == len(parts) - 1)
+        return out
 
     def _fold_act_matmul(self, call, dq_a):
+        """``A @ B`` of two dequantized activations -> int32 matmuls and a float
+        rescale. A scale (or zero point) may be one per tensor or one per index of
+        any axis: off the reduction it factorises onto the output (a zero point is
+        subtracted in int32), along the reduction the channels are grouped by their
+        (scale, zero point) pairs, one int32 matmul per group."""
         dq_b = self._as_call(call.args[1], _DQ)
         if dq_b is None or tv.is_const(dq_b.args[0]):
             return None
         if isinstance(dq_b.args[0], tv.relax.Var) and tv.var_name(dq_b.args[0]) in self.params:
             return None
-        parts = []
-        for dq in (dq_a, dq_b):
+        out_rank = len(tv.shape_of(call))
+        sides = []
+        for dq, red in ((dq_a, -1), (dq_b, -2)):
+            shape = tv.shape_of(dq.args[0])
             s, z = self._value(dq.args[1]), self._value(dq.args[2])
-            if s is None or z is None or np.unique(s).size != 1 or np.unique(z).size != 1:
+            if s is None or z is None:
                 return None
-            xi = tv.relax.op.astype(dq.args[0], "int32")
-            zi = int(np.unique(z)[0])
-            if zi:
-                xi = tv.relax.op.subtract(xi, tv.relax.const(zi, "int32"))
-            parts.append((self.builder_.emit(xi, "soniq_int"), float(np.unique(s)[0])))
-        acc = self.builder_.emit(tv.relax.op.matmul(parts[0][0], parts[1][0], out_dtype="int32"), "soniq_acc")
-        scale = np.float32(parts[0][1] * parts[1][1])
-        return tv.relax.op.multiply(tv.relax.op.astype(acc, "float32"), tv.relax.const(scale, "float32"))
+            axis = int(dq.attrs.axis) % len(shape) if max(np.size(s), np.size(z)) > 1 else None
+            sides.append((dq.args[0], shape, red % len(shape), axis, np.asarray(s, np.float32).reshape(-1),
+                          np.asarray(z).reshape(-1).astype(np.int64)))
+        k = sides[0][1][-1]
+
+        def at(v, axis, red, i):  # the value of channel i along the reduction (None: off it)
+            if v.size == 1:
+                return v[0].item()
+            return v[i].item() if axis == red else None
+
+        keys = [[(at(s, axis, red, i), at(z, axis, red, i)) for i in range(k)]
+                for _x, _shape, red, axis, s, z in sides]
+        groups = channel_groups(ka + kb for ka, kb in zip(keys[0], keys[1]))
+        self.act_count += 1
+        if len(groups) > MAX_SCALE_GROUPS:  # keyed by its place among the attention matmuls
+            return self._decline(f"{ACT_KEY}{self.act_count - 1}",
+                                 f"the reduction has {len(groups)} scale groups (integer matmuls up to "
+                                 f"{MAX_SCALE_GROUPS}): float over the dequantized codes")
+        out = None
+        for g, idx in enumerate(groups):
+            ints, scale = [], np.ones([1] * out_rank, np.float64)
+            for x, shape, red, axis, s, z in sides:
+                xs = x
+                if len(groups) > 1:
+                    xs = self.builder_.emit(tv.relax.op.take(x, tv.const(idx), axis=red), "soniq_xs")
+                xi = tv.relax.op.astype(xs, "int32")
+                zv, sv = z, s
+                if axis == red:  # this group's one value
+                    zv, sv = (v[idx[0]:idx[0] + 1] if v.size > 1 else v for v in (z, s))
+                if zv.size == 1 and zv[0]:
+                    xi = tv.relax.op.subtract(xi, tv.relax.const(int(zv[0]), "int32"))
+                elif zv.size > 1:
+                    zc = zv.reshape(_vector_shape(shape, axis, zv.size)).astype(np.int32)
+                    xi = tv.relax.op.subtract(xi, tv.const(zc))
+                ints.append(self.builder_.emit(xi, "soniq_int"))
+                sv = np.asarray(sv, np.float64)
+                scale = scale * sv.reshape(_vector_shape(shape, axis, sv.size, out_rank))
+            acc = self.builder_.emit(tv.relax.op.matmul(ints[0], ints[1], out_dtype="int32"), "soniq_acc")
+            scale = scale.astype(np.float32)
+            if scale.size == 1:
+                term = tv.relax.op.multiply(tv.relax.op.astype(acc, "float32"),
+                                            tv.relax.const(scale.reshape(()), "float32"))
+                out = term if out is None else tv.relax.op.add(out, term)
+                if g < len(groups) - 1:
+                    out = self.builder_.emit(out, "soniq_terms")
+            else:
+                out = _accumulate(self.builder_, out, acc, scale, last=g == len(groups) - 1)
+        return out
+
+
+def _vector_shape(shape, axis, size: int, rank: int | None = None) -> tuple[int, ...]:
+    """Broadcast shape putting a vector of ``size`` on ``axis`` of ``shape``,
+    right-aligned to ``rank`` dimensions (a scalar: all ones)."""
+    rank = len(shape) if rank is None else rank
+    out = [1] * rank
+    if size > 1:
+        out[axis + rank - len(shape)] = size
+    return tuple(out)
+
+
+def _along_channels(v: np.ndarray, dq, shape, channel_axis: int) -> np.ndarray | None:
+    """One value per channel of a dequantize's scale or zero point (a scalar, or a
+    vector along the DQ's ``axis``), or None when it runs along another axis."""
+    v = np.asarray(v)
+    if v.size == 1:
+        return np.full(shape[channel_axis], v.reshape(-1)[0], v.dtype)
+    if v.ndim != 1 or int(dq.attrs.axis) % len(shape) != channel_axis or v.size != shape[channel_axis]:
+        return None
+    return v.copy()
+
+
+def _accumulate(builder, out, acc, scale: np.ndarray, last: bool):
+    """``out + float(acc) * scale``: one scale group's term of the float combine,
+    in group order (the numpy reference sums in the same order)."""
+    term = tv.relax.op.multiply(tv.relax.op.astype(acc, "float32"), tv.const(scale))
+    if out is None:
+        return term if last else builder.emit(term, "soniq_term")
+    total = tv.relax.op.add(out, term)
+    return total if last else builder.emit(total, "soniq_terms")
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
 
 
 def FoldQDQ(params: dict, weights: dict, target=None, declined: dict | None = None):

@@ -53,6 +53,18 @@ class _Splitter(tv.PyExprMutator):
         self.mod_ = mod
         self.target = target
         self.merge = merge and target is not None and target.kind.name == "llvm"
+        # group numbers stay unique per layer: a layer the fold already cut into
+        # scale groups (numbered 0..k-1) numbers its bit-width sub-groups from k on
+        self.next_group = {}
+        for func in mod.functions.values():
+            if isinstance(func, tv.relax.Function):
+                tv.relax.analysis.post_order_visit(func.body, self._count)
+
+    def _count(self, expr):
+        found = soniq_call(expr, self.mod_)
+        if found is not None:
+            op = found[0]
+            self.next_group[op.layer] = max(self.next_group.get(op.layer, 0), op.group + 1)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -87,13 +99,14 @@ class _Splitter(tv.PyExprMutator):
             slices.append((idx, xs))
             start = end
 
-        group, outs = 0, []
+        outs = []
         for oidx in out_groups:
             acc = None
             for iidx, xs in slices:
                 sub_w = w[oidx][:, iidx] if op.kind == "conv2d" else w[iidx][:, oidx]
+                group = self.next_group.get(op.layer, 0)
+                self.next_group[op.layer] = group + 1
                 sub = _sub_op(op, iidx, oidx, sub_w.shape).with_(group=group)
-                group += 1
                 part = emit_qop(self.builder_, sub, xs, [np.ascontiguousarray(sub_w)],
                                 registry.get("int8-ref"), self.target, "soniq_part")
                 acc = part if acc is None else self.builder_.emit(tv.relax.op.add(acc, part), "soniq_sum")
@@ -115,9 +128,12 @@ def _sub_op(op: QOp, iidx: np.ndarray, oidx: np.ndarray, w_shape) -> QOp:
     x_shape[1 if op.kind == "conv2d" else len(x_shape) - 1] = len(iidx)
     w_bit = op.w_bits[iidx[0]] if op.w_axis == "in" else op.w_bits[oidx[0]]
     w_count = len(iidx) if op.w_axis == "in" else len(oidx)
+    # channel numbers of the file: an op the fold already cut (a scale group) maps through its own
+    file_in = np.asarray(op.in_index, np.int64)[iidx] if op.in_index else iidx
+    file_out = np.asarray(op.out_index, np.int64)[oidx] if op.out_index else oidx
     return op.with_(x_shape=tuple(x_shape), w_shape=tuple(w_shape), a_bits=(op.a_bits[iidx[0]],) * len(iidx),
-                    w_bits=(w_bit,) * w_count, in_index=tuple(int(i) for i in iidx),
-                    out_index=tuple(int(o) for o in oidx))
+                    w_bits=(w_bit,) * w_count, in_index=tuple(int(i) for i in file_in),
+                    out_index=tuple(int(o) for o in file_out))
 
 
 def _whole(op: QOp) -> QOp:

@@ -484,6 +484,9 @@ def read_annotations(
     for node in dq_nodes:
         ann = _read_one(node, index, qmap)
         out[ann.name] = ann
+    from .scales import check_scales
+
+    check_scales(model, index, out)
     return out
 
 

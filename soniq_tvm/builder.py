@@ -30,7 +30,12 @@ from .annotation import (
 )
 from .errors import AnnotationError, UnsupportedModelError
 
-__all__ = ["quantize_weights", "calibrate_scale", "choose_bits", "QDQBuilder"]
+__all__ = ["quantize_weights", "calibrate_scale", "calibrate_scales", "choose_bits", "QDQBuilder",
+           "SCALE_LAYOUTS"]
+
+# how an activation's steps are laid out: one per tensor, one per precision group
+# (the channels of one width share a step), one per channel
+SCALE_LAYOUTS = ("tensor", "group", "channel")
 
 # ---------------------------------------------------------------------------
 # Quantization helpers (numpy)
@@ -117,9 +122,9 @@ def calibrate_scale(
     """Per-tensor activation scale with the least squared fake-quant error.
 
     ``values`` are sample activations; channel ``c`` along ``axis`` is clamped
-    to ``bits[c]``. One scale serves every channel (the compiler requires one
-    scale per precision group), so narrow channels and wide channels trade off:
-    the grid search finds the scale that loses least overall.
+    to ``bits[c]``. One scale serves every channel, so narrow channels and wide
+    channels trade off: the grid search finds the scale that loses least overall.
+    :func:`calibrate_scales` gives each precision group (or channel) its own.
     """
     x = np.asarray(values, np.float64)
     rank = x.ndim
@@ -138,6 +143,34 @@ def calibrate_scale(
         if err < best_err:
             best, best_err = float(s), err
     return best
+
+
+def calibrate_scales(
+    values: np.ndarray,
+    bits: int | Sequence[int],
+    signed: bool,
+    axis: int = 1,
+    zero_point: int = 0,
+    per: str = "group",
+) -> float | np.ndarray:
+    """Activation steps laid out ``per`` "tensor" (a float, as
+    :func:`calibrate_scale`), "group" (one step per distinct width, shared by the
+    channels of that width: what the compiler runs as one integer kernel per
+    group) or "channel" (one per channel; more than a few distinct steps run in
+    float). Returns a float, or a float32 array with one step per channel."""
+    if per not in SCALE_LAYOUTS:
+        raise ValueError(f"per={per!r} is not one of {', '.join(SCALE_LAYOUTS)}")
+    if per == "tensor":
+        return calibrate_scale(values, bits, signed, axis, zero_point)
+    x = np.asarray(values, np.float64)
+    axis = axis % x.ndim
+    widths = _per_channel(bits, x.shape[axis], "calibrate_scales")
+    keys = list(range(len(widths))) if per == "channel" else [int(b) for b in widths]
+    out = np.empty(len(widths), np.float32)
+    for key in sorted(set(keys)):
+        idx = np.array([c for c, k in enumerate(keys) if k == key])
+        out[idx] = calibrate_scale(np.take(x, idx, axis=axis), widths[idx], signed, axis, zero_point)
+    return out
 
 
 def choose_bits(

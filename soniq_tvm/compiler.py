@@ -188,7 +188,7 @@ def build_plan(result, tgt: dict, model=None) -> Plan:
     for op in _soniq_layers(result.mod):
         groups[op.layer].append(op)
     folded = {}
-    for whole in result.layers:
+    for whole, steps in _whole_layers(result.layers):
         safe = "".join(ch if ch.isalnum() else "_" for ch in whole.layer)[:40]
         gps = tuple(
             GroupPlan(index=max(op.group, 0), w_bits=op.w_bit, a_bits=op.a_bit, in_channels=op.in_channels,
@@ -197,7 +197,7 @@ def build_plan(result, tgt: dict, model=None) -> Plan:
             for op in sorted(groups.get(whole.layer, []), key=lambda o: o.group))
         folded[whole.layer] = LayerPlan(name=whole.layer, kind=whole.kind, w_axis=whole.w_axis,
                                         w_bits=whole.w_bits, a_bits=whole.a_bits, groups=gps,
-                                        gathers=result.gathers.get(safe, 0))
+                                        gathers=result.gathers.get(safe, 0), scale_groups=steps)
     layers = _every_layer(folded, result.declined, model)
     notes = []
     whole = [l.name for l in layers if len(l.groups) == 1 and (len(set(l.w_bits)) > 1 or len(set(l.a_bits)) > 1)]
@@ -216,6 +216,31 @@ def build_plan(result, tgt: dict, model=None) -> Plan:
     return Plan(layers=tuple(layers), target=describe(tgt), notes=tuple(notes))
 
 
+def _whole_layers(ops) -> list:
+    """``(QOp, scale groups)`` per layer, in first-seen order: a layer the fold cut
+    into activation scale groups (ops with ``in_index``) gets its widths back in
+    the file's channel order."""
+    by_layer = {}
+    for op in ops:
+        by_layer.setdefault(op.layer, []).append(op)
+    out = []
+    for parts in by_layer.values():
+        if len(parts) == 1:
+            out.append((parts[0], 1))
+            continue
+        cin = sum(len(p.in_index) for p in parts)
+        a_bits, w_in = [0] * cin, [0] * cin
+        for p in parts:
+            for j, c in enumerate(p.in_index):
+                a_bits[c] = p.a_bits[j]
+                if p.w_axis == "in":
+                    w_in[c] = p.w_bits[j]
+        first = parts[0]
+        out.append((first.with_(a_bits=tuple(a_bits), in_index=(), group=-1,
+                                w_bits=tuple(w_in) if first.w_axis == "in" else first.w_bits), len(parts)))
+    return out
+
+
 def _every_layer(folded: dict, declined: dict, model) -> list:
     """The folded layers and, in file order, every conv/matmul that was not."""
     if model is None:
@@ -224,13 +249,20 @@ def _every_layer(folded: dict, declined: dict, model) -> list:
 
     from .survey import survey
 
-    layers, left_float = [], []
+    layers, left_float, acts = [], [], 0
     for s in survey(model):
         if s.name in folded:
             layers.append(folded.pop(s.name))
             continue
         kind = "conv2d" if s.op_type == "Conv" else "matmul"
         if s.status == "act-act":
+            acts += 1
+            reason = declined.get(f"#act{acts - 1}")  # passes.fold_qdq.ACT_KEY
+            if reason is not None:
+                left_float.append(f"{s.name} ({reason})")
+                layers.append(LayerPlan(name=s.name, kind="matmul", w_axis="", w_bits=(), a_bits=(), groups=(),
+                                        reason=reason))
+                continue
             layers.append(LayerPlan(name=s.name, kind="act-matmul", w_axis="", w_bits=(), a_bits=(), groups=(),
                                     reason=""))
             continue

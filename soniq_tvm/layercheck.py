@@ -69,18 +69,27 @@ class FileLayer:
     name: str
     op_type: str
     x_codes: str  # the tensor of activation codes the layer's DequantizeLinear reads
-    x_scale: float
-    x_zero: int
+    x_scale: np.ndarray  # float32, one step per input channel
+    x_zero: np.ndarray  # int64, one zero point per input channel
     w: np.ndarray  # int64, conv OIHW / matmul [K, N]
     w_scale: np.ndarray  # per output channel, float32
     bias: np.ndarray | None  # float32 per output channel
     alpha: float
     beta: float
     output: str
+    groups: int = 1  # a grouped conv's group count
 
     @property
     def axis(self) -> int:
         return 1 if self.op_type == "Conv" else -1
+
+    def scale_key(self, iidx: np.ndarray):
+        """The (step, zero point) a kernel over input channels ``iidx`` reads them
+        with: the module runs one integer kernel per such group and adds the terms
+        in float. A grouped conv rescales per output channel: one key."""
+        if self.groups > 1:
+            return ("grouped",)
+        return float(self.x_scale[iidx[0]]), int(self.x_zero[iidx[0]])
 
 
 class _Constants:
@@ -183,11 +192,15 @@ def file_layers(model: onnx.ModelProto) -> dict[str, FileLayer]:
         if ws.size > 1 and waxis != out_axis:
             continue  # scale along the reduction: not folded
         xs, xz = c.raw(dq.input[1]), c.raw(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        cin = w.shape[1] * int(attrs.get("group", 1)) if n.op_type == "Conv" else w.shape[0]
+        xs = np.broadcast_to(np.asarray(xs, np.float32).reshape(-1), (cin,)).copy()
+        xz = np.zeros(cin, np.int64) if xz is None else np.broadcast_to(
+            np.asarray(xz).astype(np.int64).reshape(-1), (cin,)).copy()
         bias_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
         bias = c.value(bias_name) if bias_name else None
         out[label] = FileLayer(
-            name=label, op_type=n.op_type, x_codes=dq.input[0], x_scale=float(np.asarray(xs).reshape(-1)[0]),
-            x_zero=int(np.asarray(xz).reshape(-1)[0]) if xz is not None else 0, w=w,
+            name=label, op_type=n.op_type, x_codes=dq.input[0], x_scale=xs, x_zero=xz, w=w,
+            groups=int(attrs.get("group", 1)) if n.op_type == "Conv" else 1,
             w_scale=np.broadcast_to(ws, (n_out,)).astype(np.float32),
             bias=None if bias is None else np.asarray(bias, np.float32),
             alpha=float(attrs.get("alpha", 1.0)), beta=float(attrs.get("beta", 1.0)), output=n.output[0])
@@ -203,7 +216,8 @@ def _group_weights(layer: FileLayer, op: QOp, iidx: np.ndarray, oidx: np.ndarray
 
 def kernel_checks(layers: dict[str, FileLayer], probes) -> tuple[list[LayerCheck], dict, dict]:
     """Exact check of every probed kernel call; returns the checks and, per layer,
-    the module's input codes and total int32 result in the file's channel order."""
+    the module's input codes and int32 results in the file's channel order (one
+    total per activation scale group, :meth:`FileLayer.scale_key`)."""
     checks, inputs, totals = [], {}, {}
     for entry in probes:
         if entry[0].get("kind") == "act-matmul":
@@ -220,9 +234,14 @@ def kernel_checks(layers: dict[str, FileLayer], probes) -> tuple[list[LayerCheck
         iidx = np.asarray(op.in_index or range(cin), np.int64)
         oidx = np.asarray(op.out_index or range(cout), np.int64)
         tag = op.layer if op.group < 0 else f"{op.layer}[g{op.group}]"
+        zeros = np.unique(layer.x_zero[iidx]) if op.groups == 1 else np.unique(layer.x_zero)
+        if zeros.size != 1:
+            checks.append(LayerCheck(tag, "kernel", layer.output, acc.size, acc.size, float("inf"),
+                                     f"one kernel reads channels with {zeros.size} zero points of the file"))
+            continue
         try:
             w = _group_weights(layer, op, iidx, oidx)
-            expect = reference(x, w, op.with_(a_zero=layer.x_zero))
+            expect = reference(x, w, op.with_(a_zero=int(zeros[0])))
         except (ValueError, IndexError) as e:
             checks.append(LayerCheck(tag, "kernel", layer.output, acc.size, acc.size, float("inf"),
                                      f"the module's kernel does not fit the file's weights: {e}"))
@@ -244,12 +263,15 @@ def kernel_checks(layers: dict[str, FileLayer], probes) -> tuple[list[LayerCheck
         if op.layer not in totals:
             shape_x = list(x.shape)
             shape_x[axis] = cin
+            inputs[op.layer] = np.zeros(shape_x, x.dtype)
+            totals[op.layer] = {}
+        key = layer.scale_key(iidx)
+        if key not in totals[op.layer]:
             shape_o = list(acc.shape)
             shape_o[axis] = cout
-            inputs[op.layer] = np.zeros(shape_x, x.dtype)
-            totals[op.layer] = np.zeros(shape_o, np.int64)
+            totals[op.layer][key] = np.zeros(shape_o, np.int64)
         _put(inputs[op.layer], x, iidx, axis)
-        _add(totals[op.layer], acc, oidx, axis)
+        _add(totals[op.layer][key], acc, oidx, axis)
     return checks, inputs, totals
 
 
@@ -263,13 +285,23 @@ def _add(dst, src, idx, axis):
     d[idx] += np.moveaxis(src, axis, 0).astype(np.int64)
 
 
-def layer_output(layer: FileLayer, acc: np.ndarray) -> np.ndarray:
-    """The float output of ``layer`` from its exact int32 result, as the module
-    forms it: acc x (x_scale x w_scale), then the bias."""
-    scale = (layer.x_scale * layer.w_scale.astype(np.float32)).astype(np.float32)
-    shape = [1] * acc.ndim
-    shape[layer.axis] = -1
-    y = acc.astype(np.float32) * scale.reshape(shape)
+def layer_output(layer: FileLayer, totals: dict) -> np.ndarray:
+    """The float output of ``layer`` from its exact int32 results, as the module
+    forms it: for each activation scale group in order, acc x (x_scale x w_scale)
+    added up, then the bias."""
+    y = None
+    for key in sorted(totals):
+        acc = totals[key]
+        if key == ("grouped",):
+            per_out = np.repeat(layer.x_scale.reshape(layer.groups, -1)[:, 0], acc.shape[1] // layer.groups)
+            x_scale = per_out.astype(np.float32)
+        else:
+            x_scale = np.float32(key[0])
+        scale = (x_scale * layer.w_scale.astype(np.float32)).astype(np.float32)
+        shape = [1] * acc.ndim
+        shape[layer.axis] = -1
+        term = acc.astype(np.float32) * scale.reshape(shape)
+        y = term if y is None else (y + term).astype(np.float32)
     if layer.alpha != 1.0:
         y = y * np.float32(layer.alpha)
     if layer.bias is not None:
@@ -335,9 +367,9 @@ def act_checks(model: onnx.ModelProto, acts: list) -> tuple[list[LayerCheck], Fo
     for name, (_, a, b, acc) in zip(names, acts):
         node = nodes[name]
         dqa, dqb = c.dq(node.input[0]), c.dq(node.input[1])
-        za, zb = (int(np.asarray(c.raw(d.input[2])).reshape(-1)[0]) if len(d.input) > 2 and d.input[2] else 0
-                  for d in (dqa, dqb))
-        sa, sb = (float(np.asarray(c.raw(d.input[1])).reshape(-1)[0]) for d in (dqa, dqb))
+        # the module may batch the heads: operands and result in the file's shapes
+        a, b = (_file_shape(v, shapes.get(d.input[0])) for v, d in ((a, dqa), (b, dqb)))
+        (za, sa), (zb, sb) = (_dq_params(c, d, v.ndim) for d, v in ((dqa, a), (dqb, b)))
         expect = np.matmul(a.astype(np.int64) - za, b.astype(np.int64) - zb)
         got = acc.astype(np.int64).reshape(expect.shape) if acc.size == expect.size else acc.astype(np.int64)
         if got.shape != expect.shape:
@@ -347,12 +379,35 @@ def act_checks(model: onnx.ModelProto, acts: list) -> tuple[list[LayerCheck], Fo
         diff = got != expect
         checks.append(LayerCheck(name, "kernel", node.output[0], int(got.size), int(diff.sum()),
                                  float(np.abs(got - expect).max()) if got.size else 0.0))
-        value = (got.astype(np.float32) * np.float32(sa * sb)).astype(np.float32)
-        shape = shapes.get(node.output[0])  # the module may batch the heads: the file's shape
+        # steps off the reduction (per tensor, per row of a, per column of b) factorise
+        scale = (np.asarray(sa, np.float64) * np.asarray(sb, np.float64)).astype(np.float32)
+        value = (got.astype(np.float32) * scale).astype(np.float32)
+        shape = shapes.get(node.output[0])
         forced.values[node.output[0]] = value.reshape(shape) if shape and np.prod(shape) == value.size else value
         forced.codes.setdefault(dqa.input[0], (name, a))
         forced.codes.setdefault(dqb.input[0], (name, b))
     return checks, forced
+
+
+def _file_shape(v: np.ndarray, shape) -> np.ndarray:
+    return v.reshape(shape) if shape and int(np.prod(shape)) == v.size else v
+
+
+def _dq_params(c: _Constants, dq, rank: int):
+    """(zero point, step) of a DequantizeLinear, broadcastable against its rank-
+    ``rank`` input: scalars, or vectors along the node's axis."""
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    out = []
+    for name, kind in ((dq.input[2] if len(dq.input) > 2 else "", np.int64), (dq.input[1], np.float32)):
+        v = np.asarray(c.raw(name) if name else 0).astype(kind)
+        if v.size > 1:
+            shape = [1] * rank
+            shape[axis % rank] = -1
+            v = v.reshape(shape)
+        else:
+            v = v.reshape(())
+        out.append(v)
+    return tuple(out)
 
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:

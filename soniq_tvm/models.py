@@ -7,9 +7,11 @@ no download. They are what the tests, tutorials and benchmarks compile.
 Precision is *tied* the SONIQ way: a weight's width follows its **input** channel
 (``soniq.axis`` 1 for Conv, 0 for MatMul ``[K, N]``, 1 for Gemm ``[N, K]``) and
 equals the width of the activation channel it multiplies. Each activation has one
-scale (per tensor), chosen by :func:`~soniq_tvm.builder.calibrate_scale` on a
-random input propagated through the quantized graph built so far (onnx's
-reference evaluator, numpy only); weights have one scale per output channel.
+step per precision group by default (``scales="group"``: the 2-bit channels share
+one step, the 8-bit channels another; "tensor" and "channel" are the other
+layouts), chosen by :func:`~soniq_tvm.builder.calibrate_scales` on a random input
+propagated through the quantized graph built so far (onnx's reference evaluator,
+numpy only); weights have one scale per output channel.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import onnx
 
 from .annotation import save_model
-from .builder import QDQBuilder, calibrate_scale, choose_bits, quantize_weights
+from .builder import SCALE_LAYOUTS, QDQBuilder, calibrate_scales, choose_bits, quantize_weights
 from .errors import ModelLoadError
 
 __all__ = ["example_cnn", "example_transformer", "example_inputs", "save_examples"]
@@ -33,18 +35,22 @@ class _Calibrated:
     """A :class:`QDQBuilder` plus a few random inputs, so every ``act`` call picks
     its scale from the values the graph built so far really produces."""
 
-    def __init__(self, builder: QDQBuilder, feeds: Sequence[Mapping[str, np.ndarray]]):
+    def __init__(self, builder: QDQBuilder, feeds: Sequence[Mapping[str, np.ndarray]], per: str = "group"):
+        if per not in SCALE_LAYOUTS:
+            raise ValueError(f"scales={per!r} is not one of {', '.join(SCALE_LAYOUTS)}")
         self.b = builder
         self.feeds = [dict(f) for f in feeds]
+        self.per = per
 
     def values(self, x: str) -> np.ndarray:
         """``x`` for every calibration input, stacked along the batch axis."""
         return np.concatenate([self.b.evaluate([x], f)[0] for f in self.feeds], axis=0)
 
     def act(
-        self, x: str, bits: Sequence[int], signed: bool, axis: int, name: str | None = None
+        self, x: str, bits: Sequence[int], signed: bool, axis: int, name: str | None = None,
+        per: str | None = None,
     ) -> str:
-        scale = calibrate_scale(self.values(x), bits, signed, axis)
+        scale = calibrate_scales(self.values(x), bits, signed, axis, per=per or self.per)
         return self.b.quant_act(x, scale, bits, signed, axis=axis, name=name)
 
 
@@ -89,6 +95,7 @@ def example_cnn(
     image: int = 16,
     channels: Sequence[int] = (16, 32),
     classes: int = 10,
+    scales: str = "group",
 ) -> onnx.ModelProto:
     """A small residual CNN, input ``x [1, 3, image, image]``, output ``logits``.
 
@@ -105,7 +112,7 @@ def example_cnn(
     stem = max(1, 3 * c0 // 4)
     b = QDQBuilder("soniq_example_cnn")
     x = b.input("x", [1, 3, image, image])
-    c = _Calibrated(b, _random_feeds(rng, "x", (1, 3, image, image), _CALIBRATION_INPUTS))
+    c = _Calibrated(b, _random_feeds(rng, "x", (1, 3, image, image), _CALIBRATION_INPUTS), scales)
 
     def bits(n: int) -> tuple[int, ...]:
         return choose_bits(n, palette, low_fraction, rng)
@@ -180,6 +187,7 @@ def example_transformer(
     hidden: int = 32,
     heads: int = 2,
     ffn: int = 64,
+    scales: str = "group",
 ) -> onnx.ModelProto:
     """One post-norm encoder block, input ``x [1, seq, hidden]``, output ``y``.
 
@@ -196,7 +204,7 @@ def example_transformer(
     dh = hidden // heads
     b = QDQBuilder("soniq_example_transformer")
     x = b.input("x", [1, seq, hidden])
-    c = _Calibrated(b, _random_feeds(rng, "x", (1, seq, hidden), _CALIBRATION_INPUTS))
+    c = _Calibrated(b, _random_feeds(rng, "x", (1, seq, hidden), _CALIBRATION_INPUTS), scales)
 
     def bits(n: int) -> tuple[int, ...]:
         return choose_bits(n, palette, low_fraction, rng)
@@ -221,9 +229,11 @@ def example_transformer(
     scores = b.node("Mul", [scores, np.array(1.0 / np.sqrt(dh), np.float32)], name="scores_scaled")
     probs = b.node("Softmax", [scores], name="softmax", axis=-1)
     a_keys = bits(seq)
+    # one step per tensor here: ONNX Runtime's optimiser (default level) fuses this
+    # MatMul into MatMulIntegerToFloat, which refuses per-channel zero points
     ctx = b.matmul_act(
-        c.act(probs, a_keys, signed=False, axis=3, name="probs_q"),
-        c.act(v, a_keys, signed=True, axis=2, name="v_q"),
+        c.act(probs, a_keys, signed=False, axis=3, name="probs_q", per="tensor"),
+        c.act(v, a_keys, signed=True, axis=2, name="v_q", per="tensor"),
         name="context",
     )
     ctx = b.node("Transpose", [ctx], name="context_merge", perm=[0, 2, 1, 3])

@@ -41,6 +41,7 @@ class LayerPlan:
     groups: tuple[GroupPlan, ...]
     gathers: int = 0
     reason: str = ""  # why the layer runs in float ("" for integer layers)
+    scale_groups: int = 1  # activation step groups: one integer sum each, added in float
 
     @property
     def is_float(self) -> bool:
@@ -69,6 +70,7 @@ class LayerPlan:
             name=d["name"], kind=d["kind"], w_axis=d["w_axis"], w_bits=tuple(d["w_bits"]),
             a_bits=tuple(d["a_bits"]), groups=tuple(GroupPlan(**g) for g in d["groups"]),
             gathers=int(d.get("gathers", 0)), reason=str(d.get("reason", "")),
+            scale_groups=int(d.get("scale_groups", 1)),
         )
 
 
@@ -140,6 +142,8 @@ class Plan:
                 groups = "activation x activation (integer)"
             elif l.is_float:
                 groups = f"float: {l.reason}"
+            elif l.scale_groups > 1:
+                groups = f"{l.scale_groups} steps: {groups}"
             wbits = f"{hist(l.w_bits)} ({l.w_axis})" if l.w_bits else "-"
             rows.append((l.name, l.kind, wbits, hist(l.a_bits) or "-", groups,
                          str(l.bytes_before), str(l.bytes_after), str(l.gathers)))

@@ -623,8 +623,11 @@ def test_example_cnn_precision_layout(examples):
         else:
             assert wt.axis == 0 and len(set(wt.bits)) == 2
             per_out += 1
-        scale = init_by_name(m, act.scale)
-        assert list(scale.dims) == []  # activation scale per tensor
+        steps = numpy_helper.to_array(init_by_name(m, act.scale))
+        widths = np.asarray(act.bits)
+        assert steps.shape == widths.shape  # one step per channel, laid out per width:
+        assert all(len(set(steps[widths == b].tolist())) == 1 for b in set(act.bits))
+        assert len(set(steps.tolist())) == len(set(act.bits))  # one step per precision group
         out_channels = init_by_name(m, wt.input).dims[0]
         assert list(init_by_name(m, wt.scale).dims) == [out_channels]  # per output channel
         assert by_out[n.input[1]].op_type == "DequantizeLinear"

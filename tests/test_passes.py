@@ -174,7 +174,9 @@ def test_attention_matmuls_become_integer():
     after = prepare(models.example_transformer(), stop_after="fold_qdq")[0].mod
     float_mm = [c for c in _calls(before, "relax.matmul")]
     int_mm = [c for c in _calls(after, "relax.matmul") if str(c.attrs.out_dtype) == "int32"]
-    assert len(float_mm) == 8 and len(int_mm) == 2  # 6 weight matmuls became kernels
+    # 6 weight matmuls became kernels; each attention matmul is one int32 matmul per
+    # step group of its reduction: Q.K^T has one step per width (two groups), P.V one
+    assert len(float_mm) == 8 and len(int_mm) == 3
     for c in int_mm:
         assert all(tv.dtype_of(a) == "int32" for a in c.args)
 
@@ -198,21 +200,22 @@ def _act_kernel_calls(mod):
                                             ("llvm -mcpu=x86-64", False),
                                             ("llvm -mtriple=aarch64-linux-gnu -mattr=+neon", False)])
 def test_act_matmuls_lowered_where_an_instruction_takes_them(target, lowered):
-    """Phase 7: the two attention matmuls become dot-product kernels on VNNI, AVX2
-    and NEON dotprod, reading the 8-bit codes; SSE-only x86 and NEON without
-    dotprod keep the exact int32 matmul."""
+    """Phase 7: the two attention matmuls (three int32 matmuls: Q.K^T has two
+    step groups) become dot-product kernels on VNNI, AVX2 and NEON dotprod, reading
+    the 8-bit codes; SSE-only x86 and NEON without dotprod keep the exact int32
+    matmuls."""
     from soniq_tvm import models
 
     before = prepare(models.example_transformer(), target, stop_after="pack")[0].mod
     after = prepare(models.example_transformer(), target)[0].mod
     int_mm = lambda mod: [c for c in _calls(mod, "relax.matmul") if str(c.attrs.out_dtype) == "int32"]  # noqa: E731
-    assert len(int_mm(before)) == 2 and not _act_kernel_calls(before)
+    assert len(int_mm(before)) == 3 and not _act_kernel_calls(before)
     if lowered:
-        assert not int_mm(after) and len(_act_kernel_calls(after)) == 2
+        assert not int_mm(after) and len(_act_kernel_calls(after)) == 3
         casts = [c for c in _calls(after, "relax.astype") if tv.dtype_of(c) == "int32"]
         assert not [c for c in casts if tv.dtype_of(c.args[0]) in ("int8", "uint8")]  # no int32 copies of codes
     else:
-        assert len(int_mm(after)) == 2 and not _act_kernel_calls(after)
+        assert len(int_mm(after)) == 3 and not _act_kernel_calls(after)
 
 
 def test_act_matmuls_kept_with_a_forced_family():
@@ -220,7 +223,7 @@ def test_act_matmuls_kept_with_a_forced_family():
 
     after = prepare(models.example_transformer(), "llvm -mcpu=cascadelake", family="int8-ref")[0].mod
     assert not _act_kernel_calls(after)
-    assert len([c for c in _calls(after, "relax.matmul") if str(c.attrs.out_dtype) == "int32"]) == 2
+    assert len([c for c in _calls(after, "relax.matmul") if str(c.attrs.out_dtype) == "int32"]) == 3
 
 
 @pytest.mark.skipif("avx2" not in __import__("soniq_tvm.schedules.cpu._isa", fromlist=["x"]).host_features(),
