@@ -36,18 +36,30 @@ from .timing import measure, settle
 @dataclasses.dataclass(frozen=True)
 class SoniqVariant:
     """A precision mix: in every layer, ``low_fraction`` of the channels at ``palette[0]``,
-    the rest at ``palette[1]``."""
+    the rest at ``palette[1]``; activation steps laid out per ``steps`` ("group": one per
+    width, the QAT's default; "tensor"; "channel": calibrated per channel). ``models``:
+    the benchmark models the variant runs on (empty: all)."""
 
     name: str
     palette: tuple[int, int]
     low_fraction: float
+    steps: str = "group"
+    models: tuple[str, ...] = ()
 
 
 VARIANTS = (
     SoniqVariant("soniq {2,8} 75% low", (2, 8), 0.75),
+    SoniqVariant("soniq {2,8} 75% low, steps/tensor", (2, 8), 0.75, "tensor", ("resnet18", "bert")),
+    SoniqVariant("soniq {2,8} 75% low, steps/channel", (2, 8), 0.75, "channel", ("resnet18", "bert")),
     SoniqVariant("soniq {1,4} 75% low", (1, 4), 0.75),
     SoniqVariant("soniq uniform 8", (2, 8), 0.0),  # no channel low: every channel at 8 bits
 )
+
+
+def variants_for(model_name: str) -> list[SoniqVariant]:
+    """The variants run on ``model_name`` (``"resnet18 (tiny)"`` counts as resnet18)."""
+    base = model_name.split()[0]
+    return [v for v in VARIANTS if not v.models or base in v.models]
 
 
 @dataclasses.dataclass
@@ -96,7 +108,7 @@ def annotate(variant: SoniqVariant, ctx: SoniqContext) -> Path:
     unchanged.
     """
     stem = Path(ctx.model.onnx_path).stem
-    name = f"{stem}_soniq_{'-'.join(map(str, variant.palette))}_{round(100 * variant.low_fraction)}"
+    name = f"{stem}_soniq_{'-'.join(map(str, variant.palette))}_{round(100 * variant.low_fraction)}_{variant.steps}"
     if ctx.cache_dir is None:
         return _export(variant, ctx, ctx.workdir / f"{name}.onnx")
     cached = Path(ctx.cache_dir) / f"{name}_{_cache_key(variant, ctx)}.onnx"
@@ -117,7 +129,7 @@ def _export(variant: SoniqVariant, ctx: SoniqContext, out: Path) -> Path:
     from soniq_tvm.torch import export_onnx, prepare, quant_layers
 
     palette = variant.palette
-    qmodel = prepare(ctx.model.module, palette=palette, low_fraction=variant.low_fraction)
+    qmodel = prepare(ctx.model.module, palette=palette, low_fraction=variant.low_fraction, act_scales=variant.steps)
     rng = np.random.default_rng(0)
     for _, layer in quant_layers(qmodel):
         for precision in layer.precisions():
@@ -172,16 +184,16 @@ def _one_variant(model_name: str, variant: SoniqVariant, ctx: SoniqContext, comp
 
 
 def soniq_variants(model_name: str, ctx: SoniqContext | None = None) -> list[Row]:
-    """One row per :data:`VARIANTS` entry for ``model_name``; ``n/a`` rows say why."""
+    """One row per :func:`variants_for` entry of ``model_name``; ``n/a`` rows say why."""
     try:
         compile_fn = _compiler()
     except Exception as exc:  # noqa: BLE001 - any failure means "not available yet"
         note = f"n/a: soniq_tvm.compile unavailable ({failure(exc)})"
-        return [Row(model_name, v.name, note=note) for v in VARIANTS]
+        return [Row(model_name, v.name, note=note) for v in variants_for(model_name)]
     if ctx is None:
-        return [Row(model_name, v.name, note="n/a: no model context given") for v in VARIANTS]
+        return [Row(model_name, v.name, note="n/a: no model context given") for v in variants_for(model_name)]
     rows = []
-    for variant in VARIANTS:
+    for variant in variants_for(model_name):
         try:
             rows.append(_one_variant(model_name, variant, ctx, compile_fn))
         except Exception as exc:  # noqa: BLE001 - a failing variant must not stop the run

@@ -97,17 +97,21 @@ class Recipe:
 PALETTES = {"{2,8}": ((2, 8), 3.5), "{1,4}": ((1, 4), 3.0)}
 
 
-def run_seed(seed: int, data, recipe: Recipe = Recipe(), palettes=PALETTES, export_dir=None):
-    """fp32 then one QAT run per palette, all from the same fp32 model. Returns
-    ``{name: {"acc", "bits", "compression"}}``."""
+def run_seed(seed: int, data, recipe: Recipe = Recipe(), palettes=PALETTES, export_dir=None,
+             act_scales=("group",)):
+    """fp32 then one QAT run per palette (and activation step layout), all from the
+    same fp32 model. Returns ``{name: {"acc", "bits", "compression"}}``."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     fp32 = make_cnn()
     train(fp32, xtr, ytr, epochs=recipe.fp32_epochs, lr=recipe.fp32_lr, seed=seed)
     results = {"fp32": {"acc": accuracy(fp32, xte, yte), "bits": 32.0, "compression": 1.0}}
-    for name, (palette, target) in palettes.items():
+    runs = [(name, palette, target, layout) for name, (palette, target) in palettes.items() for layout in act_scales]
+    for name, palette, target, layout in runs:
+        if len(act_scales) > 1:
+            name = f"{name} steps/{layout}"
         torch.manual_seed(seed)
-        q = prepare(fp32.eval(), palette=palette, target_bits=target, penalty=recipe.penalty)
+        q = prepare(fp32.eval(), palette=palette, target_bits=target, penalty=recipe.penalty, act_scales=layout)
         train(q, xtr, ytr, epochs=recipe.phase1_epochs, lr=recipe.qat_lr, seed=seed, penalty=True)
         snap(q)
         train(q, xtr, ytr, epochs=recipe.phase2_epochs, lr=recipe.qat_lr, seed=seed + 1)
@@ -115,7 +119,7 @@ def run_seed(seed: int, data, recipe: Recipe = Recipe(), palettes=PALETTES, expo
         results[name] = {"acc": accuracy(q, xte, yte), "bits": bits, "compression": 32.0 / bits,
                          "report": bit_report(q)}
         if export_dir is not None:
-            _export_and_check(q, xte, f"{export_dir}/digits_{palette[0]}_{palette[1]}_s{seed}.onnx")
+            _export_and_check(q, xte, f"{export_dir}/digits_{palette[0]}_{palette[1]}_{layout}_s{seed}.onnx")
     return results
 
 
@@ -228,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is as fast for a model this small, and steadier)")
     ap.add_argument("--no-transformer", action="store_true", help="skip the attention demo")
+    ap.add_argument("--act-scales", nargs="+", default=["group"], choices=["group", "tensor"],
+                    help="activation step layouts to train (one step per precision group: the default)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_digits_split()
@@ -235,7 +241,7 @@ def main(argv=None):
     all_results = []
     for seed in args.seeds:
         t0 = time.time()
-        r = run_seed(seed, data, export_dir=args.export)
+        r = run_seed(seed, data, export_dir=args.export, act_scales=tuple(args.act_scales))
         all_results.append(r)
         accs = ", ".join(f"{k} {v['acc'] * 100:.2f}% @ {v['bits']:.2f}b" for k, v in r.items())
         print(f"seed {seed} ({time.time() - t0:.0f} s): {accs}")

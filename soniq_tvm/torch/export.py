@@ -309,7 +309,8 @@ class _Exporter(fx.Interpreter):
         x = self.onnx.get(src) if isinstance(src, fx.Node) else None
         if x is None:
             raise ExportError("the input of a quantized layer is not a traced tensor", node=path)
-        return self.b.quant_act(x, np.float32(scale), bits, signed, axis=axis, name=f"{path}.{suffix}")
+        step = np.float32(scale) if np.ndim(scale) == 0 else np.asarray(scale, np.float32)  # per tensor / channel
+        return self.b.quant_act(x, step, bits, signed, axis=axis, name=f"{path}.{suffix}")
 
     def _qconv(self, path: str, mod: QConv2d, src: fx.Node):
         x_val = self._arg_value(src)

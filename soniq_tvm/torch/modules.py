@@ -129,20 +129,32 @@ def _mse_scale(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, signed_bipol
     return best
 
 
+ACT_SCALES = ("group", "tensor", "channel")
+
+
 class ActQuant(nn.Module):
-    """Activation quantizer: one learned scale per tensor, per-channel ranges.
+    """Activation quantizer: learned steps, per-channel ranges.
 
     ``axis``: the channel axis (1 for NCHW, -1 for ``[..., features]``, -2 for the right
     operand of a matmul). ``signed``: ``True``/``False``, or ``None`` to decide on the
-    first batch (unsigned if it has no negative value). The scale is initialised on
-    the first batch by a rounding + clipping error search and learned afterwards
-    (log-parameterised, LSQ gradients).
+    first batch (unsigned if it has no negative value). ``levels``: the palette of
+    the channels' widths; with two or more, each level has its own step (one step
+    per precision group, what the compiler runs as one integer kernel per group)
+    and a channel between levels (before snapping) uses the log-linear mix of its
+    neighbours' steps; empty: one step per tensor, or with ``channels`` one step per
+    channel (what a per-channel calibration exports; more than a few distinct steps
+    run in float in the compiler). The steps are initialised on the first batch by a
+    rounding + clipping error search and learned afterwards (log-parameterised, LSQ
+    gradients).
     """
 
-    def __init__(self, axis: int, signed: bool | None):
+    def __init__(self, axis: int, signed: bool | None, levels: tuple[int, ...] = (), channels: int = 0):
         super().__init__()
         self.axis = axis
-        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.levels = tuple(sorted(set(int(v) for v in levels))) if len(set(levels)) > 1 else ()
+        self.channels = 0 if self.levels else int(channels)
+        shape = (len(self.levels),) if self.levels else (self.channels,) if self.channels else ()
+        self.log_scale = nn.Parameter(torch.zeros(shape))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
 
@@ -153,7 +165,19 @@ class ActQuant(nn.Module):
         return bool(int(self.signed_flag))
 
     def scale(self) -> torch.Tensor:
+        """The step per tensor, or one per level (``levels``) or channel."""
         return torch.exp(self.log_scale)
+
+    def channel_scale(self, bits: torch.Tensor) -> torch.Tensor:
+        """One step per channel of width ``bits`` (palette levels, or between them
+        while precisions are still being learned); a scalar per tensor."""
+        if not self.levels:  # per tensor, or per channel
+            return torch.exp(self.log_scale)
+        lv = torch.tensor(self.levels, dtype=torch.float32, device=self.log_scale.device)
+        b = bits.reshape(-1).to(torch.float32).clamp(lv[0], lv[-1])
+        hi = torch.searchsorted(lv, b.detach(), right=True).clamp(1, len(self.levels) - 1)
+        t = (b - lv[hi - 1]) / (lv[hi] - lv[hi - 1])
+        return torch.exp((1 - t) * self.log_scale[hi - 1] + t * self.log_scale[hi])
 
     def effective_bits(self, bits: torch.Tensor) -> torch.Tensor:
         """Signed activations have no 1-bit form: they use at least 2 bits."""
@@ -170,30 +194,52 @@ class ActQuant(nn.Module):
     def calibrate(self, x: torch.Tensor, bits: torch.Tensor) -> None:
         if int(self.signed_flag) < 0:
             self.signed_flag.fill_(int(bool((x < 0).any())))
-        b = self._shape(self.effective_bits(bits.detach()), x)
-        lo, hi, _ = cont_range(b, self.signed)
-        lo, hi = torch.broadcast_to(lo, x.shape), torch.broadcast_to(hi, x.shape)
-        flat, lo, hi = x.detach().reshape(-1), lo.reshape(-1), hi.reshape(-1)
+        flat = x.detach().reshape(-1)
         if flat.numel() > _CALIB_SAMPLES:
             g = torch.Generator().manual_seed(0)
-            idx = torch.randperm(flat.numel(), generator=g)[:_CALIB_SAMPLES]
-            flat, lo, hi = flat[idx], lo[idx], hi[idx]
-        s = _mse_scale(flat[None].float(), lo[None], hi[None], None, float(hi.max()))
-        self.log_scale.copy_(torch.log(s[0]))
+            pick = torch.randperm(flat.numel(), generator=g)[:_CALIB_SAMPLES]
+        else:
+            pick = None
+
+        def fit(widths: torch.Tensor) -> torch.Tensor:  # the step for these per-channel widths
+            lo, hi, _ = cont_range(self._shape(self.effective_bits(widths), x), self.signed)
+            lo, hi = torch.broadcast_to(lo, x.shape).reshape(-1), torch.broadcast_to(hi, x.shape).reshape(-1)
+            v = flat
+            if pick is not None:
+                v, lo, hi = v[pick], lo[pick], hi[pick]
+            return _mse_scale(v[None].float(), lo[None], hi[None], None, float(hi.max()))[0]
+
+        if self.levels:  # each level's step as if every channel had that width
+            steps = [fit(torch.full_like(bits.detach(), float(level))) for level in self.levels]
+            self.log_scale.copy_(torch.log(torch.stack(steps)))
+        elif self.channels:  # each channel's own step: one row of the search per channel
+            rows = x.detach().movedim(self.axis, 0).reshape(self.channels, -1).float()
+            if rows.shape[1] > _CALIB_SAMPLES // self.channels:
+                g = torch.Generator().manual_seed(0)
+                rows = rows[:, torch.randperm(rows.shape[1], generator=g)[:max(1, _CALIB_SAMPLES // self.channels)]]
+            widths = self.effective_bits(torch.broadcast_to(bits.detach().reshape(-1), (self.channels,)))
+            lo, hi, _ = cont_range(widths[:, None], self.signed)
+            self.log_scale.copy_(torch.log(_mse_scale(rows, lo, hi, None, float(hi.max()))))
+        else:
+            self.log_scale.copy_(torch.log(fit(bits.detach())))
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor, bits: torch.Tensor, hard: bool) -> torch.Tensor:
         if not bool(self.initialized):
             self.calibrate(x, bits)
         b = self._shape(self.effective_bits(bits), x)
-        s = self.scale()
+        s = self.channel_scale(bits)
+        if s.dim():
+            s = self._shape(s, x)
         if hard:
             return fake_quant(x, s, b, self.signed)
         return noise_quant(x, s, b, self.signed)
 
     def extra_repr(self) -> str:
         sf = int(self.signed_flag)
-        return f"axis={self.axis}, signed={'auto' if sf < 0 else bool(sf)}"
+        steps = f"steps per level {self.levels}" if self.levels else \
+            f"a step per channel ({self.channels})" if self.channels else "one step"
+        return f"axis={self.axis}, signed={'auto' if sf < 0 else bool(sf)}, {steps}"
 
 
 class _QWeightLayer(nn.Module):
@@ -203,9 +249,11 @@ class _QWeightLayer(nn.Module):
     _in_axis = 1
     _act_axis = 1
 
-    def _init_quant(self, palette, weight_axis: str, init_bits, act_signed):
+    def _init_quant(self, palette, weight_axis: str, init_bits, act_signed, act_scales: str = "group"):
         if weight_axis not in ("in", "out"):
             raise ValueError(f"weight_axis must be 'in' (tied) or 'out', not {weight_axis!r}")
+        if act_scales not in ACT_SCALES:
+            raise ValueError(f"act_scales must be one of {ACT_SCALES}, not {act_scales!r}")
         self.palette = tuple(sorted(set(int(b) for b in palette)))
         self.weight_axis = weight_axis
         out_ch, in_ch = self.weight.shape[0], self.weight.shape[1]
@@ -215,7 +263,8 @@ class _QWeightLayer(nn.Module):
         else:
             self.w_prec = Precision(out_ch, palette, init_bits)
             self.a_prec = Precision(in_ch, palette, init_bits)
-        self.act = ActQuant(self._act_axis, act_signed)
+        self.act = ActQuant(self._act_axis, act_signed, self.palette if act_scales == "group" else (),
+                            in_ch if act_scales == "channel" else 0)
         self.w_log_scale = nn.Parameter(torch.zeros(out_ch))
         self.init_weight_scale()
 
@@ -287,9 +336,13 @@ class _QWeightLayer(nn.Module):
 
     @torch.no_grad()
     def export_act(self):
-        """``(scale, bits list, signed)`` of the input quantizer (eval semantics)."""
-        bits = self.act.effective_bits(self.act_precision.nearest().to(torch.float32))
-        return (float(self.act.scale()), [int(b) for b in bits], self.act.signed)
+        """``(step: a float, or float32 [C] with one step per channel, bits list,
+        signed)`` of the input quantizer (eval semantics)."""
+        nearest = self.act_precision.nearest().to(torch.float32)
+        bits = self.act.effective_bits(nearest)
+        steps = self.act.channel_scale(nearest).float().cpu().numpy().reshape(-1)
+        step = float(steps[0]) if len(set(steps.tolist())) == 1 else steps.astype("float32")
+        return (step, [int(b) for b in bits], self.act.signed)
 
 
 class QConv2d(_QWeightLayer):
@@ -299,14 +352,14 @@ class QConv2d(_QWeightLayer):
     _act_axis = 1
 
     def __init__(self, conv: nn.Conv2d, palette=(2, 8), weight_axis: str = "in",
-                 init_bits: float | None = None, act_signed: bool | None = None):
+                 init_bits: float | None = None, act_signed: bool | None = None, act_scales: str = "group"):
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
         self.weight = nn.Parameter(conv.weight.detach().clone())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
-        self._init_quant(palette, weight_axis, init_bits, act_signed)
+        self._init_quant(palette, weight_axis, init_bits, act_signed, act_scales)
 
     def pads(self, in_hw: tuple[int, int]) -> tuple[int, int, int, int]:
         """ONNX pads ``(top, left, bottom, right)`` for an input of size ``in_hw``."""
@@ -338,12 +391,12 @@ class QLinear(_QWeightLayer):
     _act_axis = -1
 
     def __init__(self, linear: nn.Linear, palette=(2, 8), weight_axis: str = "in",
-                 init_bits: float | None = None, act_signed: bool | None = None):
+                 init_bits: float | None = None, act_signed: bool | None = None, act_scales: str = "group"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        self._init_quant(palette, weight_axis, init_bits, act_signed)
+        self._init_quant(palette, weight_axis, init_bits, act_signed, act_scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)

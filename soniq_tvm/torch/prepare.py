@@ -204,7 +204,8 @@ def _target_bits(palette, target_bits, low_fraction) -> float | None:
 
 def prepare(model: nn.Module, palette=(2, 8), target_bits: float | None = None, *,
             low_fraction: float | None = None, weight_axis: str = "in", penalty: float = 1.0,
-            matmul_bits: int | None = None, init_bits: float | None = None) -> fx.GraphModule:
+            matmul_bits: int | None = None, init_bits: float | None = None,
+            act_scales: str = "group") -> fx.GraphModule:
     """A SONIQ QAT copy of ``model`` (the input is left untouched).
 
     ``palette``: the bit widths a channel may take (1..8), e.g. ``(2, 8)`` or ``(1, 4)``.
@@ -216,6 +217,10 @@ def prepare(model: nn.Module, palette=(2, 8), target_bits: float | None = None, 
     term :func:`bit_penalty`. ``matmul_bits``: fixed width of activation-activation
     matmul operands (default: the palette's top). ``init_bits``: starting precision
     of every channel (default: the budget, else the palette midpoint).
+    ``act_scales``: ``"group"`` learns one activation step per palette level of each
+    quantized input (a channel's step follows its width; the export writes one step
+    per channel, taking as many values as there are levels), ``"tensor"`` one step
+    per tensor, ``"channel"`` one step per channel.
 
     BatchNorm2d layers are folded into the Conv2d before them using their running
     statistics, so prepare a trained (or at least BN-calibrated) float model.
@@ -265,7 +270,7 @@ def prepare(model: nn.Module, palette=(2, 8), target_bits: float | None = None, 
                 seen.add(node.target)
                 cls = QConv2d if isinstance(mod, nn.Conv2d) else QLinear
                 _set_module(gm, node.target, cls(mod, palette, weight_axis, init_bits,
-                                                 signs.signed(node.args[0])))
+                                                 signs.signed(node.args[0]), act_scales))
         elif node.op in ("call_function", "call_method"):
             fn = node.target
             if node.op == "call_function" and fn in _WEIGHT_FUNCS:

@@ -37,7 +37,7 @@ def one_step(layer) -> float:
     """Output change from one activation code flip at ``layer`` (the last layer)."""
     w_int, w_scale, _, _ = layer.export_weight()
     w = np.abs(w_int.astype(np.float32)) * w_scale.reshape([-1] + [1] * (w_int.ndim - 1))
-    return float(layer.act.scale().detach()) * float(w.max())
+    return float(layer.act.scale().detach().max()) * float(w.max())  # the widest step (per group)
 
 
 def check_agreement(q, x: torch.Tensor, model=None):
@@ -189,3 +189,53 @@ def test_compile_transformer_agrees(tmp_path):
     y_tvm = compile_(str(path), target="llvm").run({"x": x[:8].numpy()})[0]
     assert np.abs(y_tvm - y_ort).max() <= one_step(q.head) + 1e-5
     np.testing.assert_array_equal(y_tvm.argmax(-1), y_pt.argmax(-1))
+
+
+@pytest.mark.parametrize("act_scales", ["group", "tensor", "channel"])
+def test_activation_steps_per_group_are_learned_exported_and_compiled(act_scales):
+    """By default each quantized input learns one step per palette level; the file
+    carries one step per channel taking one value per width, the compiler runs
+    one integer kernel per step group, and everything agrees with PyTorch."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(128, 1, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g)
+    q = prepare(settled_cnn(3), palette=(2, 8), target_bits=3.5, act_scales=act_scales)
+    fit(q, x, y, steps=10, penalty=True)
+    snap(q)
+    fit(q, x, y, steps=5, seed=1)
+    layers = quant_layers(q)
+    for _path, layer in layers:
+        steps = layer.act.channel_scale(layer.act_precision.nearest().float()).detach()
+        widths = layer.act_precision.nearest()
+        if act_scales == "tensor":
+            assert steps.dim() == 0
+            continue
+        if act_scales == "channel":
+            assert layer.act.log_scale.shape == widths.shape
+            continue
+        assert layer.act.log_scale.shape == (2,) and layer.act.log_scale.requires_grad
+        for b in widths.unique():  # one step per width, different across widths
+            assert len(set(steps[widths == b].tolist())) == 1
+    xs = x[:16]
+    model, _y_pt, _y_ort = check_agreement(q, xs)
+    anns = read_annotations(model)
+    init = {t.name: t for t in model.graph.initializer}
+    from onnx import numpy_helper
+
+    per_channel = [numpy_helper.to_array(init[a.scale]) for a in anns.values() if a.kind == "activation"]
+    if act_scales == "group":
+        assert any(s.size > 1 and len(set(s.reshape(-1).tolist())) == 2 for s in per_channel)
+    elif act_scales == "channel":
+        assert any(len(set(s.reshape(-1).tolist())) > 8 for s in per_channel)
+    else:
+        assert all(s.size == 1 for s in per_channel)
+    if act_scales == "channel":  # more steps than integer kernels pay for: float, said in the plan
+        with pytest.warns(UserWarning, match="scale groups"):
+            m = soniq_tvm.compile(model, "llvm")
+        assert any("scale groups" in l.reason for l in m.plan.float_layers)
+    else:
+        m = soniq_tvm.compile(model, "llvm")
+        assert not m.plan.float_layers
+    if act_scales == "group":
+        assert max(l.scale_groups for l in m.plan.layers) == 2
+    out = m.run({"x": xs.numpy()})[0]
+    np.testing.assert_array_equal(out.argmax(-1), ort_run(model, xs.numpy()).argmax(-1))

@@ -130,15 +130,19 @@ def test_qconv2d_eval_equals_integer_reference(palette, weight_axis):
     layer.eval()
     with torch.no_grad():
         y = layer(x).numpy()
-    s_x = layer.act.scale().item()
+    steps = layer.act.channel_scale(layer.act_precision.bits.float()).detach().numpy()  # one per width
+    assert len(set(steps.tolist())) == len(set(layer.act_precision.bits.tolist()))
     a_bits = layer.act.effective_bits(layer.act_precision.bits.float()).numpy()
-    xq = np_quant(x.numpy(), s_x, a_bits.reshape(1, -1, 1, 1), True)
+    xq = np_quant(x.numpy(), steps.reshape(1, -1, 1, 1), a_bits.reshape(1, -1, 1, 1), True)
     w_bits = layer.w_prec.bits.numpy()
     w_bits = w_bits.reshape(1, -1, 1, 1) if weight_axis == "in" else w_bits.reshape(-1, 1, 1, 1)
     s_w = layer.weight_scale().detach().numpy().reshape(-1)
     wq = np_quant(layer.weight.detach().numpy(), s_w.reshape(-1, 1, 1, 1), w_bits, True)
-    acc = _np_conv_int(xq, wq, layer)
-    want = acc * (np.float32(s_x) * s_w).reshape(1, -1, 1, 1) + layer.bias.detach().numpy().reshape(1, -1, 1, 1)
+    want = layer.bias.detach().numpy().reshape(1, -1, 1, 1).astype(np.float64)
+    for step in sorted(set(steps.tolist())):  # one exact integer conv per step group
+        idx = np.flatnonzero(steps == step)
+        acc = _np_conv_int(xq[:, idx], wq[:, idx], layer)
+        want = want + acc * (np.float32(step) * s_w).reshape(1, -1, 1, 1)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     exported = layer.export_weight()[0]
     np.testing.assert_array_equal(exported.astype(np.int64), wq)
@@ -154,11 +158,14 @@ def test_qlinear_eval_equals_integer_reference():
     layer.eval()
     with torch.no_grad():
         y = layer(x).numpy()
-    s_x = layer.act.scale().item()
-    xq = np_quant(x.numpy(), s_x, layer.w_prec.bits.numpy(), False)
+    steps = layer.act.channel_scale(layer.w_prec.bits.float()).detach().numpy()  # one per width
+    xq = np_quant(x.numpy(), steps, layer.w_prec.bits.numpy(), False)
     s_w = layer.weight_scale().detach().numpy().reshape(-1)
     wq = np_quant(layer.weight.detach().numpy(), s_w[:, None], layer.w_prec.bits.numpy()[None, :], True)
-    want = (xq @ wq.T) * (np.float32(s_x) * s_w) + layer.bias.detach().numpy()
+    want = layer.bias.detach().numpy().astype(np.float64)
+    for step in sorted(set(steps.tolist())):
+        idx = np.flatnonzero(steps == step)
+        want = want + (xq[..., idx] @ wq[:, idx].T) * (np.float32(step) * s_w)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert xq.max() <= 255 and xq.min() >= 0
     assert (xq[..., layer.w_prec.bits.numpy() == 2] <= 3).all()  # 2-bit unsigned channels
