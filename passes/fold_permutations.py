@@ -146,6 +146,27 @@ class _Folder:
         return self.push(src, perm, big[0])
 
 
+_SLICE = tv.op("strided_slice")
+
+
+def _slices_as_gathers(folder: _Folder, gathers, src, perm: np.ndarray, axis: int) -> dict:
+    """``{slice var: take(src, perm[begin:end])}`` when every use of the gathers is a
+    unit-stride channel slice along ``axis``: the permuted whole is then never built."""
+    slices = {v: c for v, c in folder.defs.items()
+              if isinstance(c, tv.relax.Call) and c.op == _SLICE and c.args[0] in gathers}
+    if not slices or sum(folder.uses.get(g, 0) for g in gathers) != len(slices):
+        return {}
+    out = {}
+    for var, call in slices.items():
+        axes, begin, end = ([int(v) for v in a] for a in call.args[1:4])
+        strides = [int(v) for v in call.args[4]] if len(call.args) > 4 else [1]
+        rank = len(tv.shape_of(var))
+        if len(axes) != 1 or axes[0] % rank != axis or strides != [1]:
+            return {}
+        out[var] = tv.relax.op.take(src, tv.const(perm[begin[0]:end[0]]), axis=axis)
+    return out
+
+
 def _fold_function(mod, func, new_funcs: dict):
     folder = _Folder(mod, func)
     # gathers of the same tensor with the same permutation fold together (q/k/v)
@@ -162,6 +183,11 @@ def _fold_function(mod, func, new_funcs: dict):
         if sub is not None and not (set(sub) & set(rewrites)):
             rewrites.update(sub)
             rewrites.update({g: src for g in gathers})  # each gather becomes an alias
+            continue
+        # the gather stays: one serves every consumer (q/k/v), and where it only feeds
+        # channel slices, each slice gathers its own channels straight from the source
+        rewrites.update({g: gathers[0] for g in gathers[1:]})
+        rewrites.update(_slices_as_gathers(folder, gathers, src, perm, axis))
     retags = [k for k in rewrites if isinstance(k, tuple) and k[0] == _RETAG]
     new_funcs.update({k[1]: rewrites.pop(k) for k in retags})
     if not rewrites:

@@ -339,3 +339,71 @@ def test_scale_axis_differing_from_soniq_axis_is_named():
     with pytest.raises(SoniqError, match="soniq.axis") as e:
         soniq_tvm.compile(model, "llvm")
     assert e.value.tensor == scale.name
+
+
+# ---- the ResNet-shaped example with real steps: targets, saved, loaded fresh -----
+
+@pytest.mark.parametrize("layout", ["group", "channel"])
+def test_example_cnn_steps_on_every_target_and_in_a_fresh_process(layout, tmp_path):
+    """The residual example CNN with one step per width (every layer two integer
+    kernels) and per channel (more steps than kernels pay for: those layers float)
+    compiles for AVX-512 and aarch64 (cross), and on the host saves, loads in a new
+    process and matches ONNX Runtime."""
+    import subprocess
+    import sys
+    import warnings
+
+    from soniq_tvm import models
+
+    proto = models.example_cnn(scales=layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FloatLayerWarning)  # per channel: asserted on the plan below
+        for target in ("llvm -mcpu=skylake-avx512", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"):
+            plan = soniq_tvm.inspect(proto, target=target)
+            assert plan.layers and (layout == "channel" or not plan.float_layers), target
+        m = soniq_tvm.compile(proto, "llvm")
+    if layout == "group":
+        assert all(l.scale_groups == 2 for l in m.plan.layers if l.kind != "act-matmul" and l.name != "stem")
+    else:
+        assert m.plan.float_layers and all("scale groups" in l.reason for l in m.plan.float_layers)
+    path = m.save(tmp_path / "cnn.soniq")
+    feeds = models.example_inputs(proto, seed=5)
+    np.save(tmp_path / "x.npy", feeds["x"])
+    code = (f"import numpy as np, soniq_tvm; m = soniq_tvm.load({str(path)!r}); "
+            f"np.save({str(tmp_path / 'y.npy')!r}, m.run({{'x': np.load({str(tmp_path / 'x.npy')!r})}})[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    y = np.load(tmp_path / "y.npy")
+    np.testing.assert_array_equal(y, m.run(feeds)[0])
+    agreement = compare("logits", y, ort_reference(proto, feeds)[0])
+    assert agreement.identical >= 0.999 and agreement.max_steps <= 1, agreement
+    assert verify(proto, m, inputs=feeds).ok
+
+
+def test_unfolded_group_gather_reads_each_group_straight_from_the_source(rng):
+    """A graph input cannot absorb the channel permutation: instead of one gather
+    of the whole tensor and a slice per group, each group gathers its own channels."""
+    from soniq_tvm.compiler import prepare
+
+    k, n = 19, 7
+    bits = two_level(k, 2, 8, 0.6, rng)
+    b = QDQBuilder("gather_mm")
+    x = b.input("x", [3, k])
+    xd = b.quant_act(x, _steps("group2", bits, rng), bits, signed=True, axis=1)
+    b.output(b.matmul(xd, _weights(rng, (k, n), bits, 0), np.full(n, W_STEP, np.float32), bits, w_axis=0), "y")
+    model = b.build()
+
+    def ops(mod, name):
+        found = []
+        soniq_tvm.tvm_shim.relax.analysis.post_order_visit(
+            mod["main"].body, lambda e: found.append(e) if isinstance(e, soniq_tvm.tvm_shim.relax.Call)
+            and getattr(e.op, "name", "") == name else None)
+        return found
+
+    before = prepare(model, "llvm", stop_after="split")[0].mod
+    after = prepare(model, "llvm", stop_after="cleanup")[0].mod
+    assert len(ops(before, "relax.take")) == 1 and len(ops(before, "relax.strided_slice")) == 2
+    takes = ops(after, "relax.take")
+    assert len(takes) == 2 and not ops(after, "relax.strided_slice")
+    low = [c for c in range(k) if bits[c] == 2]
+    assert sorted(len(soniq_tvm.tvm_shim.const_value(t.args[1])) for t in takes) == sorted([len(low), k - len(low)])
