@@ -98,8 +98,9 @@ def _check_against_ort(model, feeds, out):
     assert agreement.identical >= 0.999 and agreement.max_steps <= 1, agreement
 
 
-@pytest.mark.parametrize("layout", ["tensor", "group2", "group4", "ratio1024", "tiny", "singleton"])
-@pytest.mark.parametrize("k,stride", [(3, 1), (1, 1), (3, 2)])
+@pytest.mark.parametrize("layout,k,stride", [
+    ("tensor", 3, 1), ("group2", 3, 1), ("group2", 1, 1), ("group2", 3, 2), ("group4", 3, 1), ("group4", 1, 1),
+    ("ratio1024", 3, 1), ("tiny", 3, 2), ("singleton", 1, 1), ("singleton", 3, 1)])
 def test_conv_scale_groups_exact(layout, k, stride, rng):
     model, xf, xq, w, steps, zeros, w_steps, op = _conv_case(rng, layout, k, stride)
     m = soniq_tvm.compile(model, "llvm")
@@ -143,8 +144,8 @@ def test_per_channel_steps_run_float_and_say_so(rng):
     _check_against_ort(model, {"x": xf}, m.run({"x": xf})[0])
 
 
-@pytest.mark.parametrize("op_type", ["MatMul", "Gemm"])
-@pytest.mark.parametrize("layout", ["group2", "group4", "singleton"])
+@pytest.mark.parametrize("op_type,layout", [("MatMul", "group2"), ("MatMul", "group4"), ("Gemm", "group2"),
+                                             ("Gemm", "singleton")])
 def test_matmul_and_gemm_scale_groups_exact(op_type, layout, rng):
     k, n = 19, 7
     bits = two_level(k, 2, 8, 0.6, rng)
