@@ -18,7 +18,7 @@ from . import hardware
 from .artifact import CompiledModule
 from .errors import InputError, SoniqError, UnsupportedModelError
 from .plan import GroupPlan, LayerPlan, Plan
-from .targets import describe, parse_target, to_tvm_target
+from .targets import describe, parse_target, required_features, to_tvm_target
 
 __all__ = ["compile", "inspect", "prepare", "FloatLayerWarning"]
 
@@ -354,7 +354,7 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
         "outputs": outs,
         "target": tgt,
         "arch": hardware.target_arch(tgt) if tgt["kind"] == "llvm" else hardware.host_arch(),
-        "required_features": hardware.required_features(tgt),
+        "required_features": required_features(tgt),
         "plan": plan.to_dict(),
         "compile_seconds": round(time.time() - t0, 3),
     }

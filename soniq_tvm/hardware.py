@@ -2,9 +2,11 @@
 
 Compiled CPU code may use instructions the loading machine lacks (an AVX-512
 artifact on an AVX2 host): running it would kill the process with SIGILL. The
-compiler records the ISA features a module needs (:func:`required_features`, at
-compile time, with LLVM's help); the loader compares them with
-:func:`host_features` and refuses with a clear error instead.
+compiler records the ISA features a module needs
+(:func:`soniq_tvm.targets.required_features`, at compile time, with LLVM's help);
+the loader compares them with :func:`host_features` and refuses with a clear error
+instead. This module imports nothing of the package (targets depend on it, not the
+other way round).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import functools
 import platform
 
-__all__ = ["host_arch", "host_features", "required_features", "missing_features", "TRACKED"]
+__all__ = ["host_arch", "host_features", "missing_features", "target_arch", "TRACKED"]
 
 # LLVM feature name -> /proc/cpuinfo flag (x86). Features worth refusing on.
 TRACKED = {
@@ -83,17 +85,6 @@ def target_arch(target: dict) -> str:
     if triple:
         return triple.split("-")[0].replace("arm64", "aarch64")
     return host_arch() if target.get("kind") == "llvm" else target.get("kind", "")
-
-
-def required_features(target: dict) -> list[str]:
-    """Tracked features an llvm target enables (needs TVM: compile time only)."""
-    if target.get("kind") != "llvm" or target_arch(target) != "x86_64":
-        return []
-    from . import tvm_shim
-    from .targets import to_tvm_target
-
-    enabled = set(tvm_shim.llvm_cpu_features(to_tvm_target(target)))
-    return sorted(f for f in TRACKED if f in enabled)
 
 
 def missing_features(required: list[str]) -> list[str]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import shlex
 
+from . import hardware
 from .errors import TargetError
 
-__all__ = ["parse_target", "to_tvm_target", "describe"]
+__all__ = ["parse_target", "to_tvm_target", "describe", "required_features"]
 
 _ALIASES = {"x86": "llvm", "cpu": "llvm", "arm": "llvm"}
 
@@ -133,7 +134,7 @@ def _host_cpu() -> str:
 
 def _masked_host_features(d: dict) -> list[str]:
     """Features LLVM assumes for the host CPU model that this (virtual) CPU lacks."""
-    from . import hardware, tvm_shim
+    from . import tvm_shim
 
     return hardware.host_safe_mattr(tvm_shim.llvm_cpu_features(to_tvm_target(d)))
 
@@ -142,6 +143,17 @@ def _host_cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def required_features(target: dict) -> list[str]:
+    """The ISA features (of :data:`hardware.TRACKED`) an llvm target dict enables,
+    as LLVM sees its ``mcpu`` + ``mattr`` (needs TVM: compile time only)."""
+    if target.get("kind") != "llvm" or hardware.target_arch(target) != "x86_64":
+        return []
+    from . import tvm_shim
+
+    enabled = set(tvm_shim.llvm_cpu_features(to_tvm_target(target)))
+    return sorted(f for f in hardware.TRACKED if f in enabled)
 
 
 def describe(d: dict) -> str:

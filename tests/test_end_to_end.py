@@ -12,7 +12,7 @@ import pytest
 
 import soniq_tvm
 from soniq_tvm import HardwareMismatchError, hardware, models
-from soniq_tvm.targets import parse_target
+from soniq_tvm.targets import parse_target, required_features
 from soniq_tvm.verify import verify
 
 
@@ -93,7 +93,7 @@ def test_save_is_atomic_and_replaces(example, tmp_path):
 def _unsupported_x86_target():
     for cpu in ("skylake-avx512", "icelake-server", "sapphirerapids", "graniterapids", "diamondrapids"):
         d = parse_target(f"llvm -mcpu={cpu}")
-        if hardware.missing_features(hardware.required_features(d)):
+        if hardware.missing_features(required_features(d)):
             return d
     return None
 
@@ -105,7 +105,7 @@ def test_cross_built_x86_artifact_is_refused(tmp_path):
     proto = models.example_cnn()
     m = soniq_tvm.compile(proto, target)
     path = m.save(tmp_path / "x86.soniq")
-    missing = hardware.missing_features(hardware.required_features(target))
+    missing = hardware.missing_features(required_features(target))
     with pytest.raises(HardwareMismatchError, match=missing[0]):
         soniq_tvm.load(path)
     with pytest.raises(HardwareMismatchError):

@@ -21,6 +21,9 @@ __all__ = ["features", "is_x86", "is_aarch64", "host_features", "bcast_word", "p
 tirx = tv.tirx
 
 
+# reduction values per lookup table: 16 entries (a 4-bit index) fill one vpshufb/tbl table
+LUT_GROUP = 4
+
 def _target_key(target) -> str:
     return str(target)
 

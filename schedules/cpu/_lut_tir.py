@@ -16,7 +16,8 @@ from tvm.script import tirx as T
 from soniq_tvm import tvm_shim as tv
 
 from . import _isa
-from .lut import GROUP
+
+GROUP = _isa.LUT_GROUP
 
 tirx = tv.tirx
 

@@ -89,7 +89,7 @@ __all__ = ["LutFamily", "AVX512_LUT", "AVX2_LUT", "NEON_LUT", "LutMode", "MODES"
            "table_max", "needs_high_table", "chunk_groups", "channel_order", "planes", "units", "GROUP",
            "MAX_REDUCTION"]
 
-GROUP = 4  # reduction values per table (16 entries = 4 bits of a plane)
+GROUP = _isa.LUT_GROUP  # reduction values per table (16 entries = 4 bits of a plane)
 MAX_REDUCTION = 1 << 19  # K * 255 * 15 < 2**31 for the int32 output accumulators
 MAX_ROWS = 64  # beyond this the tables (32 bytes per row and group) outgrow L2; the dot families win anyway
 # vector instructions per lookup vector (VB byte lookups) besides the nibble extraction

@@ -9,7 +9,7 @@ which code is generated and how fast it runs:
 * ``kind`` (llvm, cuda) and ``arch`` (x86_64, aarch64; the CPU architecture);
 * ``mcpu`` and the sorted ``mattr`` list, as the target states them;
 * ``features``: the ISA features the target actually enables
-  (:func:`soniq_tvm.hardware.required_features`, LLVM's view of ``mcpu`` + ``mattr``);
+  (:func:`soniq_tvm.targets.required_features`, LLVM's view of ``mcpu`` + ``mattr``);
 * ``gpu_arch``: the CUDA ``arch`` (``sm_80``), empty for CPUs.
 
 ``num-cores`` is left out on purpose: a record from a 2-core machine still
@@ -32,7 +32,7 @@ FIELDS = ("kind", "arch", "mcpu", "mattr", "features", "gpu_arch")
 def fingerprint(target) -> dict:
     """The fingerprint of ``target`` (any form :func:`soniq_tvm.targets.parse_target`
     accepts, or an already parsed target dict). Needs TVM (LLVM's feature list)."""
-    from .. import hardware
+    from .. import hardware, targets
     from ..targets import parse_target
 
     t = target if isinstance(target, dict) and "kind" in target and _is_parsed(target) else parse_target(target)
@@ -43,7 +43,7 @@ def fingerprint(target) -> dict:
         "arch": hardware.target_arch(t) if kind == "llvm" else hardware.target_arch(host or {"kind": "llvm"}),
         "mcpu": str(t.get("mcpu", "")),
         "mattr": sorted(str(a) for a in t.get("mattr", []) or []),
-        "features": sorted(hardware.required_features(t)),
+        "features": sorted(targets.required_features(t)),
         "gpu_arch": str(t.get("arch", "")) if kind != "llvm" else "",
     }
 

@@ -92,3 +92,36 @@ def test_metaschedule_tasks_are_tuned_and_applied(tmp_path, model_path):
     assert "MetaSchedule trace" in kinds, m.manifest["tuning"]
     np.testing.assert_allclose(m.run(x)[0], soniq_tvm.compile(small_model(), "llvm", split="always").run(x)[0], rtol=1e-6,
                                atol=1e-6)
+
+
+def test_per_group_steps_tuned_and_the_database_reused(tmp_path):
+    """A conv whose input has one step per width (two scale groups, each its own
+    integer kernel) tunes; a compile with the database applies a record to every
+    kernel workload and gives bit for bit the untuned module's output."""
+    import soniq_tvm
+    from soniq_tvm.builder import QDQBuilder
+    from soniq_tvm.tuning import MeasureConfig
+    from tests.helpers import _codes, _weights
+
+    rng = np.random.default_rng(4)
+    bits = [2, 8] * 4
+    b = QDQBuilder("grouped_steps")
+    x = b.input("x", [1, 8, 8, 8])
+    steps = np.array([0.2 if w == 2 else 0.01 for w in bits], np.float32)
+    xd = b.quant_act(x, steps, bits, signed=False, axis=1)
+    b.output(b.conv(xd, _weights(rng, (16, 8, 3, 3), bits, 1), np.full(16, 2.0 ** -6, np.float32), bits,
+                    w_axis=1, pads=(1, 1, 1, 1)), "y")
+    path = tmp_path / "steps.onnx"
+    import onnx
+
+    onnx.save(b.build(), str(path))
+    db = tmp_path / "steps.db"
+    r = soniq_tvm.tune(str(path), "llvm", str(db), trials=4, ms_trials=0, progress=False,
+                       measure=MeasureConfig(**FAST))
+    assert r.measured > 0
+    tuned = soniq_tvm.compile(str(path), "llvm", database=str(db), strict=True)
+    applied = [a for a in tuned.manifest["tuning"]["applied"] if a["kind"] == "qop"]
+    assert len(applied) >= 2 and not tuned.manifest["tuning"]["skipped"]  # both scale groups
+    assert tuned.plan.layers[0].scale_groups == 2
+    feeds = {"x": (_codes(rng, (1, 8, 8, 8), bits, 1, False) * steps.reshape(1, -1, 1, 1)).astype(np.float32)}
+    np.testing.assert_array_equal(tuned.run(feeds)[0], soniq_tvm.compile(str(path), "llvm").run(feeds)[0])
