@@ -215,8 +215,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where annotated soniq exports are kept between runs (default benchmarks/.cache)")
     p.add_argument("--no-cache", dest="cache_dir", action="store_const", const=None,
                    help="export the soniq variants afresh into the work dir")
-    p.add_argument("--pair-rounds", type=int, default=15,
-                   help="interleaved rounds of each row against ORT INT8 for the paired ratio (0: none; default 15)")
+    p.add_argument("--pair-rounds", type=int, default=None,
+                   help="interleaved rounds of each row against ORT INT8 for the paired ratio (0: none; "
+                        "default 15, quick 3)")
     p.add_argument("--pair-per-round", type=int, default=7,
                    help="calls of each side per paired round (default 7)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results.json"), help="JSON results file")
@@ -232,6 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown peer {m!r}; choose from {','.join(PEERS)}")
     if args.repeats is None:
         args.repeats = 20 if args.quick else 100
+    if args.pair_rounds is None:
+        args.pair_rounds = 3 if args.quick else 15
     return args
 
 

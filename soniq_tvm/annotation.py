@@ -17,16 +17,17 @@ actually computes (weights inside each channel's range, Max/Min constants equal 
 the annotated ranges), because ORT's fake-quant result is the reference every
 compiled module is compared with.
 
-This module also writes the convention (:func:`annotate`, :func:`write_quant_map`,
-:func:`save_model`); :mod:`soniq_tvm.builder` builds annotated models from numpy,
-for tests, examples and the PyTorch exporter. It needs numpy and onnx only.
+The writing side (:func:`annotate`, :func:`write_quant_map`,
+:func:`to_int8_initializers`) lives in :mod:`soniq_tvm.annotation_writer` and file
+input/output (:func:`load_model`, :func:`save_model`) in :mod:`soniq_tvm.onnx_files`;
+both are re-exported here. :mod:`soniq_tvm.builder` builds annotated models from
+numpy, for tests, examples and the PyTorch exporter. It needs numpy and onnx only.
 ``docs/annotation-format.md`` is the full description.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
@@ -34,7 +35,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import AnnotationError, ModelLoadError
+from .errors import AnnotationError
+from .onnx_files import as_model as _as_model
+from .onnx_files import check_model, load_model, save_model
 
 __all__ = [
     "FORMAT",
@@ -57,7 +60,6 @@ FORMAT = "soniq-qdq/1"
 MAX_BITS = 8
 IR_VERSION = 10  # ORT 1.31 refuses IR 14, which onnx 1.23's make_model writes
 OPSET_RANGE = range(21, 27)
-_PROTOBUF_LIMIT = 2**31 - 1
 
 KEY_BITS = "soniq.bits"
 KEY_AXIS = "soniq.axis"
@@ -244,106 +246,6 @@ def _as_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise ValueError(f"{v!r} is not an integer")
     return int(v)
-
-
-# ---------------------------------------------------------------------------
-# Loading, checking, saving
-# ---------------------------------------------------------------------------
-def check_model(model: onnx.ModelProto, *, file: str | None = None) -> None:
-    """Run ``onnx.checker`` with ``full_check`` (strict shape inference).
-
-    A model over 2 GB can only be checked through its ``file``. Raises
-    :class:`ModelLoadError` naming ``file`` and the checker's complaint.
-    """
-    target: onnx.ModelProto | str = model
-    if file is not None and model.ByteSize() > _PROTOBUF_LIMIT and os.path.exists(file):
-        target = file
-    try:
-        onnx.checker.check_model(target, full_check=True)
-    except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, ValueError
-        raise ModelLoadError(f"onnx.checker failed: {e}", file=file) from None
-
-
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Read an ONNX file (and its external data) and check it.
-
-    Raises :class:`ModelLoadError` naming the file when it is missing, unreadable,
-    not ONNX, or fails ``onnx.checker``.
-    """
-    file = os.fspath(path)
-    if not os.path.exists(file):
-        raise ModelLoadError("no such file", file=file)
-    if os.path.isdir(file):
-        raise ModelLoadError("is a directory, not an ONNX file", file=file)
-    try:
-        model = onnx.load(file)
-    except OSError as e:
-        raise ModelLoadError(f"cannot read: {e.strerror or e}", file=file) from None
-    except Exception as e:  # noqa: BLE001 - DecodeError and friends
-        raise ModelLoadError(
-            f"not an ONNX model ({type(e).__name__}: {e})", file=file
-        ) from None
-    if not model.HasField("graph") or model.ir_version == 0:
-        raise ModelLoadError(
-            "not an ONNX model (no graph or IR version)",
-            file=file,
-            hint="the bytes parse as protobuf but hold no model",
-        )
-    check_model(model, file=file)
-    return model
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Check ``model`` fully, then write it atomically to ``path``.
-
-    The bytes go to a temporary file in the same folder that replaces ``path``
-    only once it is complete, so a reader never sees half a model and a failed
-    write leaves nothing behind.
-    """
-    file = os.fspath(path)
-    check_model(model, file=file)
-    try:
-        data = model.SerializeToString()
-    except ValueError as e:
-        raise ModelLoadError(
-            f"cannot serialize: {e}", file=file, hint="models over 2 GB need external data"
-        ) from None
-    folder = os.path.dirname(os.path.abspath(file))
-    try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(file)}.", suffix=".tmp", dir=folder
-        )
-    except OSError as e:
-        raise ModelLoadError(f"cannot write: {e.strerror or e}", file=file) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except OSError as e:
-        _unlink_quietly(tmp)
-        raise ModelLoadError(f"cannot write: {e.strerror or e}", file=file) from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _as_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path
-    if isinstance(model_or_path, (str, os.PathLike)):
-        return load_model(model_or_path)
-    raise TypeError(
-        f"expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}"
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -957,142 +859,14 @@ def _activation_from_structure(
     return tuple(bits), axis, signed, clamp.how
 
 
-# ---------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------
-def _set_props(props: Any, values: Mapping[str, str]) -> None:
-    """Replace or add ``key -> value`` in a repeated StringStringEntryProto field."""
-    kept = [(p.key, p.value) for p in props if p.key not in values]
-    del props[:]
-    for k, v in kept + list(values.items()):
-        entry = props.add()
-        entry.key, entry.value = k, v
+_WRITERS = ("annotate", "write_quant_map", "to_int8_initializers", "_set_props")
 
 
-def _find_dq(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    for n in model.graph.node:
-        if _is_dq(n) and n.name == name:
-            return n
-    for n in model.graph.node:  # unnamed nodes: accept the output name
-        if _is_dq(n) and not n.name and n.output[0] == name:
-            return n
-    raise AnnotationError("no DequantizeLinear node of this name", node=name)
+def __getattr__(name: str):
+    """The writing side, from :mod:`soniq_tvm.annotation_writer` on first use (it
+    imports this module, so it cannot be imported at the top)."""
+    if name in _WRITERS:
+        from . import annotation_writer
 
-
-def _channel_count(model: onnx.ModelProto, node: onnx.NodeProto, axis: int) -> int:
-    index = _GraphIndex(model)
-    shape = index.shape(node.input[0]) or index.shape(node.output[0])
-    if shape is None or not -len(shape) <= axis < len(shape) or shape[axis] is None:
-        raise AnnotationError(
-            f"cannot spread one width: the channel count along axis {axis} is unknown",
-            node=_label(node),
-            hint="pass one width per channel",
-        )
-    return int(shape[axis])
-
-
-def annotate(
-    model: onnx.ModelProto,
-    dq_node_name: str,
-    bits: int | Sequence[int],
-    axis: int,
-    signed: bool,
-) -> None:
-    """Set ``soniq.bits/axis/signed`` on a DequantizeLinear node, in place.
-
-    ``bits`` is one width per channel along ``axis``, or one int spread over all
-    of them. ``dq_node_name`` is the node's name (its output name for an unnamed
-    node). Nothing is checked here beyond the node's existence:
-    :func:`read_annotations` (and :func:`write_quant_map`) check everything.
-    """
-    node = _find_dq(model, dq_node_name)
-    if isinstance(bits, (int, np.integer)):
-        widths = [int(bits)] * _channel_count(model, node, int(axis))
-    else:
-        widths = [int(b) for b in bits]
-    _set_props(
-        node.metadata_props,
-        {
-            KEY_BITS: json.dumps(widths),
-            KEY_AXIS: str(int(axis)),
-            KEY_SIGNED: "1" if signed else "0",
-        },
-    )
-
-
-def write_quant_map(model: onnx.ModelProto) -> None:
-    """Mirror every stated annotation into the model metadata, in place.
-
-    Reads the model (which checks it), then writes ``soniq.format`` and
-    ``soniq.quant_map`` keyed by the current DQ output names, with the DQ input
-    and scale names as aliases. Widths that the structure alone gives are not
-    mirrored: any reader derives them again.
-    """
-    entries = {}
-    for a in read_annotations(model).values():
-        if a.source not in ("node", "quant_map"):
-            continue
-        entries[a.name] = {
-            "axis": a.axis,
-            "bits": list(a.bits),
-            "signed": a.signed,
-            "aliases": [n for n in (a.input, a.scale) if n],
-        }
-    _set_props(
-        model.metadata_props,
-        {KEY_FORMAT: FORMAT, KEY_MAP: json.dumps(entries, sort_keys=True, separators=(",", ":"))},
-    )
-
-
-def to_int8_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with INT4/UINT4/INT2/UINT2 constants stored as int8/uint8.
-
-    TVM's ONNX importer cannot read packed sub-byte tensors. The width a DQ read
-    from such a type would be lost with it, so each of those DQs gets node
-    metadata stating the width (one entry per channel along the DQ axis) and the
-    quant map is rewritten. A packed zero point of a QuantizeLinear is left
-    alone: widening it would widen that QuantizeLinear's saturation.
-    """
-    before = read_annotations(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    keep = {n.input[2] for n in g.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
-    converted: dict[str, int] = {}
-    tensors = [(t, t.name) for t in g.initializer]
-    tensors += [
-        (a.t, n.output[0])
-        for n in g.node
-        if n.op_type == "Constant"
-        for a in n.attribute
-        if a.name == "value"
-    ]
-    for t, name in tensors:
-        if t.data_type in _PACKED_TO_BYTE and name not in keep:
-            new_type, np_type = _PACKED_TO_BYTE[t.data_type]
-            converted[name] = new_type
-            value = numpy_helper.to_array(t).astype(np_type)
-            t.CopyFrom(numpy_helper.from_array(value, t.name))
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        if vi.name in converted and vi.type.HasField("tensor_type"):
-            vi.type.tensor_type.elem_type = converted[vi.name]
-    if not converted:
-        return out
-    index = _GraphIndex(out)
-    for n in g.node:
-        ann = before.get(n.output[0]) if _is_dq(n) else None
-        if ann is None or ann.source != "dtype" or n.input[0] not in converted:
-            continue
-        w = index.constant(n.input[0])
-        axis = ann.axis if w.ndim else 0
-        channels = w.shape[axis] if w.ndim else 1
-        _set_props(
-            n.metadata_props,
-            {
-                KEY_BITS: json.dumps(list(ann.bits) * channels),
-                KEY_AXIS: str(axis),
-                KEY_SIGNED: "1" if ann.signed else "0",
-            },
-        )
-    write_quant_map(out)
-    return out
+        return getattr(annotation_writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
