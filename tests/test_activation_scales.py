@@ -359,7 +359,8 @@ def test_example_cnn_steps_on_every_target_and_in_a_fresh_process(layout, tmp_pa
     proto = models.example_cnn(scales=layout)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FloatLayerWarning)  # per channel: asserted on the plan below
-        for target in ("llvm -mcpu=skylake-avx512", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"):
+        targets = ("llvm -mcpu=skylake-avx512", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon")
+        for target in targets if layout == "group" else targets[1:]:  # float layers: one cross target is enough
             plan = soniq_tvm.inspect(proto, target=target)
             assert plan.layers and (layout == "channel" or not plan.float_layers), target
         m = soniq_tvm.compile(proto, "llvm")
