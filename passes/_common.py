@@ -58,8 +58,32 @@ def emit_qop(builder, op: QOp, x, weights: list[np.ndarray], family, target, nam
     return builder.emit(tv.call_tir(gv, args, op.out_shape, "int32"), name)
 
 
+def safe_name(name: str) -> str:
+    """A layer name as an identifier fragment (kernel and gather names)."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
+
+
+def gather_groups(builder, x, axis: int, groups: list, layer: str) -> list:
+    """``[(channel indices, x's channels of that group)]``: one gather (bound to a
+    ``soniq_perm*`` var, which :mod:`fold_permutations` folds into the producer
+    where legal) puts the groups' channels side by side, then one slice per group.
+    A single group is ``x`` itself."""
+    if len(groups) == 1:
+        return [(groups[0], x)]
+    perm = np.concatenate(groups)
+    if not np.array_equal(perm, np.arange(perm.size)):
+        x = builder.emit(tv.relax.op.take(x, tv.const(perm), axis=axis), f"{PERM_PREFIX}_{safe_name(layer)}")
+    parts, start = [], 0
+    for idx in groups:
+        end = start + len(idx)
+        parts.append((idx, builder.emit(tv.relax.op.strided_slice(x, axes=[axis], begin=[start], end=[end]),
+                                        "soniq_xs")))
+        start = end
+    return parts
+
+
 def _kernel_name(op: QOp, family: str) -> str:
-    safe = "".join(ch if ch.isalnum() else "_" for ch in op.layer)[:40]
+    safe = safe_name(op.layer)
     g = "" if op.group < 0 else f"_g{op.group}"
     return f"soniq_{op.kind}_{safe}{g}_{family.replace('-', '_')}_w{op.w_bit}a{op.a_bit}"
 

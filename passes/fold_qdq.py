@@ -32,7 +32,7 @@ from soniq_tvm.errors import UnsupportedModelError
 from soniq_tvm.qop import QOp
 from soniq_tvm.schedules import registry
 
-from ._common import PERM_PREFIX, bound_value, emit_qop, module_pass, per_channel
+from ._common import bound_value, emit_qop, gather_groups, module_pass, per_channel
 from .split_groups import channel_groups
 
 __all__ = ["WeightInfo", "FoldQDQ", "MAX_SCALE_GROUPS", "ACT_KEY"]
@@ -227,7 +227,7 @@ class _Folder(tv.PyExprMutator):
             # each output reads one conv group's channels: a scale constant inside every
             # conv group (depthwise: any per-channel scale) factorises per output channel
             cg = wv.shape[1]
-            per_group_s, per_group_z = sx.reshape(groups, cg), a_zero.reshape(groups, cg)
+            per_group_s = sx.reshape(groups, cg)
             if (per_group_s != per_group_s[:, :1]).any():
                 self._decline(info.node, "activation scale varies inside a conv group")
                 return call
@@ -241,38 +241,27 @@ class _Folder(tv.PyExprMutator):
         sgroups = self._scale_groups(info.node, sx, a_zero)
         if sgroups is None:
             return call
-        parts = self._group_inputs(x, 1, sgroups, info.node)
+        return self._emit_groups(op, x, 1, sgroups, sx, a_zero, lambda idx: wv[:, idx],
+                                 sw_o.reshape(1, o, 1, 1))
+
+    def _emit_groups(self, op: QOp, x, axis: int, sgroups, sx, a_zero, weights_of, sw):
+        """One exact kernel per activation scale group (its channels ``idx``, its
+        weights ``weights_of(idx)``) and the float combine
+        ``sum_g float(acc_g) * (s_g * sw)`` in group order."""
+        parts = gather_groups(self.builder_, x, axis, sgroups, op.layer)
         out = None
         for g, (idx, xs) in enumerate(parts):
+            w = np.ascontiguousarray(weights_of(idx).astype(np.int8))
             sub = op
             if len(parts) > 1:
-                sub = op.with_(x_shape=tuple(tv.shape_of(xs)), w_shape=(o, len(idx)) + tuple(wv.shape[2:]),
-                               a_bits=tuple(a_bits[i] for i in idx), a_zero=int(a_zero[idx[0]]), group=g,
-                               w_bits=tuple(op.w_bits[i] for i in idx) if w_axis == "in" else op.w_bits,
+                sub = op.with_(x_shape=tuple(tv.shape_of(xs)), w_shape=tuple(w.shape),
+                               a_bits=tuple(op.a_bits[i] for i in idx), a_zero=int(a_zero[idx[0]]), group=g,
+                               w_bits=tuple(op.w_bits[i] for i in idx) if op.w_axis == "in" else op.w_bits,
                                in_index=tuple(int(i) for i in idx))
-            acc = emit_qop(self.builder_, sub, xs, [np.ascontiguousarray(wv[:, idx].astype(np.int8))],
-                           self.ref, self.target)
-            scale = (sx[idx[0]] * sw_o).reshape(1, o, 1, 1).astype(np.float32)
-            out = _accumulate(self.builder_, out, acc, scale, last=g == len(parts) - 1)
+            acc = emit_qop(self.builder_, sub, xs, [w], self.ref, self.target)
+            out = _accumulate(self.builder_, out, acc, (sx[idx[0]] * sw).astype(np.float32),
+                              last=g == len(parts) - 1)
         return out
-
-    def _group_inputs(self, x, axis: int, sgroups, layer: str):
-        """[(channel indices, activation slice)] for each scale group: one gather
-        puts the groups' channels side by side (folded into the producer later when
-        legal), then one slice per group."""
-        if len(sgroups) == 1:
-            return [(sgroups[0], x)]
-        perm = np.concatenate(sgroups)
-        if not np.array_equal(perm, np.arange(perm.size)):
-            x = self.builder_.emit(tv.relax.op.take(x, tv.const(perm), axis=axis),
-                                   f"{PERM_PREFIX}_{_safe(layer)}")
-        parts, start = [], 0
-        for idx in sgroups:
-            end = start + len(idx)
-            parts.append((idx, self.builder_.emit(
-                tv.relax.op.strided_slice(x, axes=[axis], begin=[start], end=[end]), "soniq_xs")))
-            start = end
-        return parts
 
     def _fold_matmul(self, call, dq_x, wv, info: WeightInfo, sw, dq_axis: int, transposed: bool):
         if wv.ndim != 2:
@@ -299,20 +288,7 @@ class _Folder(tv.PyExprMutator):
         if sgroups is None:
             return call
         sw_n = np.broadcast_to(sw.astype(np.float32).reshape(-1), (n,))
-        parts = self._group_inputs(x, len(x_shape) - 1, sgroups, info.node)
-        out = None
-        for g, (idx, xs) in enumerate(parts):
-            sub = op
-            if len(parts) > 1:
-                sub = op.with_(x_shape=tuple(tv.shape_of(xs)), w_shape=(len(idx), n),
-                               a_bits=tuple(a_bits[i] for i in idx), a_zero=int(a_zero[idx[0]]), group=g,
-                               w_bits=tuple(op.w_bits[i] for i in idx) if w_axis == "in" else op.w_bits,
-                               in_index=tuple(int(i) for i in idx))
-            acc = emit_qop(self.builder_, sub, xs, [np.ascontiguousarray(w[idx].astype(np.int8))],
-                           self.ref, self.target)
-            scale = (sx[idx[0]] * sw_n).astype(np.float32)
-            out = _accumulate(self.builder_, out, acc, scale, last=g == len(parts) - 1)
-        return out
+        return self._emit_groups(op, x, len(x_shape) - 1, sgroups, sx, a_zero, lambda idx: w[idx], sw_n)
 
     def _fold_act_matmul(self, call, dq_a):
         """``A @ B`` of two dequantized activations -> int32 matmuls and a float
@@ -371,14 +347,8 @@ class _Folder(tv.PyExprMutator):
                 scale = scale * sv.reshape(_vector_shape(shape, axis, sv.size, out_rank))
             acc = self.builder_.emit(tv.relax.op.matmul(ints[0], ints[1], out_dtype="int32"), "soniq_acc")
             scale = scale.astype(np.float32)
-            if scale.size == 1:
-                term = tv.relax.op.multiply(tv.relax.op.astype(acc, "float32"),
-                                            tv.relax.const(scale.reshape(()), "float32"))
-                out = term if out is None else tv.relax.op.add(out, term)
-                if g < len(groups) - 1:
-                    out = self.builder_.emit(out, "soniq_terms")
-            else:
-                out = _accumulate(self.builder_, out, acc, scale, last=g == len(groups) - 1)
+            out = _accumulate(self.builder_, out, acc, scale.reshape(()) if scale.size == 1 else scale,
+                              last=g == len(groups) - 1)
         return out
 
 
@@ -411,10 +381,6 @@ def _accumulate(builder, out, acc, scale: np.ndarray, last: bool):
         return term if last else builder.emit(term, "soniq_term")
     total = tv.relax.op.add(out, term)
     return total if last else builder.emit(total, "soniq_terms")
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
 
 
 def FoldQDQ(params: dict, weights: dict, target=None, declined: dict | None = None):

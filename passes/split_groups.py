@@ -34,7 +34,7 @@ from soniq_tvm import tvm_shim as tv
 from soniq_tvm.qop import QOp
 from soniq_tvm.schedules import registry
 
-from ._common import PERM_PREFIX, emit_qop, module_pass, soniq_call
+from ._common import emit_qop, gather_groups, module_pass, safe_name, soniq_call
 
 __all__ = ["SplitChannelGroups", "channel_groups"]
 
@@ -87,17 +87,7 @@ class _Splitter(tv.PyExprMutator):
         if self.merge and not _split_pays(op, w, in_groups, out_groups, self.target):
             return emit_qop(self.builder_, _whole(op), x, [w], registry.get("int8-ref"), self.target, "soniq_whole")
 
-        perm = np.concatenate(in_groups)
-        if len(in_groups) > 1 and not np.array_equal(perm, np.arange(cin)):
-            x = self.builder_.emit(tv.relax.op.take(x, tv.const(perm), axis=x_axis),
-                                   f"{PERM_PREFIX}_{_safe(op.layer)}")
-        slices, start = [], 0
-        for idx in in_groups:
-            end = start + len(idx)
-            xs = x if len(in_groups) == 1 else self.builder_.emit(
-                tv.relax.op.strided_slice(x, axes=[x_axis], begin=[start], end=[end]), "soniq_xg")
-            slices.append((idx, xs))
-            start = end
+        slices = gather_groups(self.builder_, x, x_axis, in_groups, op.layer)
 
         outs = []
         for oidx in out_groups:
@@ -119,7 +109,7 @@ class _Splitter(tv.PyExprMutator):
             return cat
         inverse = np.argsort(order)
         return self.builder_.emit(tv.relax.op.take(cat, tv.const(inverse), axis=out_axis),
-                                  f"soniq_unperm_{_safe(op.layer)}")
+                                  f"soniq_unperm_{safe_name(op.layer)}")
 
 
 def _sub_op(op: QOp, iidx: np.ndarray, oidx: np.ndarray, w_shape) -> QOp:
@@ -162,10 +152,6 @@ def _split_pays(op: QOp, w: np.ndarray, in_groups, out_groups, target) -> bool:
     subs = [_sub_op(op, i, o, ((len(o), len(i)) + tail) if op.kind == "conv2d" else (len(i), len(o)))
             for o in out_groups for i in in_groups]
     return sum(_cheapest(sub, target) for sub in subs) + moved < _cheapest(_whole(op), target)
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
 
 
 def SplitChannelGroups(target=None, merge: bool = True):

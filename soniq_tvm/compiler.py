@@ -182,6 +182,7 @@ def build_plan(result, tgt: dict, model=None) -> Plan:
     """The plan of a pipeline result. With the ONNX ``model``, every Conv / MatMul /
     Gemm of the file is listed, float ones with the reason, and a quantized op
     left float is warned about (:class:`FloatLayerWarning`) by name."""
+    from soniq_tvm.passes._common import safe_name
     from soniq_tvm.passes.pipeline import _soniq_layers, act_kernels
 
     groups = defaultdict(list)
@@ -189,7 +190,7 @@ def build_plan(result, tgt: dict, model=None) -> Plan:
         groups[op.layer].append(op)
     folded = {}
     for whole, steps in _whole_layers(result.layers):
-        safe = "".join(ch if ch.isalnum() else "_" for ch in whole.layer)[:40]
+        safe = safe_name(whole.layer)
         gps = tuple(
             GroupPlan(index=max(op.group, 0), w_bits=op.w_bit, a_bits=op.a_bit, in_channels=op.in_channels,
                       out_channels=op.out_channels, family=op.family, macs=op.macs,
