@@ -72,6 +72,11 @@ def zeros(dtype: str, lanes: int):
     return tirx.Broadcast(tirx.const(0, dtype), lanes)
 
 
+def splat(value: int, lanes: int, dtype: str = "int32"):
+    """``value`` in every one of ``lanes`` lanes."""
+    return tirx.Broadcast(tirx.const(value, dtype), lanes)
+
+
 def ones16(lanes: int = 16):
     return tirx.Broadcast(tirx.const(1, "int16"), lanes)
 
