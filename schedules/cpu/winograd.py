@@ -206,7 +206,7 @@ class WinogradFamily:
     def knob_space(self, op: QOp, target=None) -> dict[str, list]:
         lay = self.layout(op)
         js = [j for j in (1, 2, 4) if lay["ob"] % j == 0]
-        rs = [r for r in (2, 4, 6, 8, 12, 14) if r <= lay["tiles"]] or [lay["tiles"]]
+        rs = [r for r in (2, 4, 6, 8, 12, 14, 16) if r <= lay["tiles"]] or [lay["tiles"]]
         return {"R": rs, "J": js}
 
     def default_knobs(self, op: QOp) -> dict:
