@@ -4,7 +4,7 @@ Runs after every other phase, on the final Relax module. ``main`` is copied into
 ``soniq_probe``, which computes exactly what ``main`` computes (the same kernels,
 glue and constants: the copy shares every PrimFunc) and returns, after main's
 outputs, the input codes and the int32 result of every integer kernel call, in
-call order. :func:`probe_list` says which kernel each pair belongs to (its QOp,
+call order (a scale-group kernel: its input codes and float result). :func:`probe_list` says which kernel each pair belongs to (its QOp,
 with the file's channel numbers of a split group), and the manifest stores it.
 
 ``soniq_tvm.verify`` uses the pairs to check a saved module layer by layer: each
@@ -18,6 +18,7 @@ from __future__ import annotations
 from soniq_tvm import tvm_shim as tv
 
 from ._common import CALL_TIR, soniq_call
+from .fuse_scale_groups import GROUPS_PROBE, group_ops
 
 __all__ = ["PROBE_FUNC", "add_probes", "ACT_PROBE"]
 
@@ -102,6 +103,12 @@ def add_probes(mod) -> tuple[object, list[dict]]:
                         users.setdefault(arg, []).append(binding.var)
     for block in func.body.blocks:
         for binding in block.bindings:
+            groups = group_ops(binding.value, mod)
+            if groups:  # a scale-group kernel: its input codes and float result
+                columns = tv.const_value(binding.value.args[1].fields[1]).astype(int).tolist()
+                probes.append({"kind": GROUPS_PROBE, "groups": [op.to_dict() for op in groups], "columns": columns})
+                exprs.extend([binding.value.args[1].fields[0], binding.var])
+                continue
             found = soniq_call(binding.value, mod)
             if found is not None:
                 op, args = found

@@ -10,7 +10,8 @@
     7  act_matmul   activation x activation matmuls onto dot-product kernels (lower_act_matmul)
     8  pool_codes   quantize(max_pool(x)) -> max_pool(quantize(x)): pool the codes (quantize_before_pool)
     9  cleanup      dead code elimination
-   10  probes       (optional) ``soniq_probe``: main plus every kernel's input and result (add_probes)
+   10  fuse_groups  a matmul's activation scale groups in one kernel (fuse_scale_groups)
+   11  probes       (optional) ``soniq_probe``: main plus every kernel's input and result (add_probes)
 
 ``dump_dir`` writes the IR after every phase (``NN-name.py``), so anyone can see,
 diff and reorder the flow. Building (``tvm.compile``) is the caller's step.
@@ -26,6 +27,7 @@ from .add_probes import PROBE_FUNC, add_probes
 from .canonicalize_minmax import CanonicalizeMinMax
 from .fold_permutations import FoldPermutations, count_gathers
 from .fold_qdq import FoldQDQ, WeightInfo
+from .fuse_scale_groups import FuseScaleGroups, count_fused
 from .lower_act_matmul import LowerActMatmul
 from .pack_weights import PackWeights
 from .quantize_before_pool import QuantizeBeforePool
@@ -34,7 +36,7 @@ from .split_groups import SplitChannelGroups
 __all__ = ["run_pipeline", "PipelineResult", "WeightInfo", "import_onnx", "PHASES"]
 
 PHASES = ("import", "canonicalize", "fold_qdq", "bind", "split", "permute", "pack", "act_matmul", "pool_codes",
-          "cleanup", "probes")
+          "cleanup", "fuse_groups", "probes")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class PipelineResult:
     gathers: dict = field(default_factory=dict)  # run-time gathers left, per layer
     declined: dict = field(default_factory=dict)  # layer -> why its quantized op stayed float
     probes: list = field(default_factory=list)  # QOp dicts of soniq_probe's kernel calls (phase 10)
+    fused: int = 0  # matmul layers whose scale groups run in one kernel (phase 10)
 
 
 def import_onnx(model, shapes: dict | None = None):
@@ -66,7 +69,9 @@ def _dump(dump_dir, index: int, name: str, mod) -> None:
 
 
 def _soniq_layers(mod) -> list:
+    """The QOp of every integer kernel ``main`` calls (a scale-group kernel: each group's)."""
     from ._common import soniq_call
+    from .fuse_scale_groups import group_ops
 
     found = []
 
@@ -74,6 +79,7 @@ def _soniq_layers(mod) -> list:
         hit = soniq_call(expr, mod)
         if hit is not None:
             found.append(hit[0])
+        found.extend(group_ops(expr, mod))
 
     for gv, func in mod.functions.items():
         if isinstance(func, tv.relax.Function) and gv.name_hint != PROBE_FUNC:  # the probe repeats main
@@ -105,7 +111,7 @@ def act_kernels(mod) -> list[str]:
 def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
                  dump_dir: str | None = None, stop_after: str | None = None, tuned=None,
                  split: str = "auto", probes: bool = False) -> PipelineResult:
-    """Run phases 0-9 on an ONNX ModelProto (int4 initializers already widened),
+    """Run phases 0-11 on an ONNX ModelProto (int4 initializers already widened),
     or up to and including ``stop_after`` (one of :data:`PHASES`). ``tuned``: a
     :class:`soniq_tvm.tuning.TunedSchedules`; the pack phase takes its
     (family, knobs) for the kernels it has records of. ``split``: "auto" keeps a
@@ -133,6 +139,8 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
         ("act_matmul", LowerActMatmul(target, force=family)),
         ("pool_codes", QuantizeBeforePool),
         ("cleanup", tv.relax.transform.DeadCodeElimination()),
+        ("fuse_groups", tv.tvm.transform.Sequential([FuseScaleGroups(target, force=family),
+                                                     tv.relax.transform.DeadCodeElimination()])),
     ]
     for i, (name, p) in enumerate(steps, start=1):
         mod = p(mod)
@@ -146,6 +154,7 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
         result.mod = mod
         if name == stop_after:
             return result
+    result.fused = count_fused(result.mod)
     if probes:
         result.mod, result.probes = add_probes(result.mod)
         _dump(dump_dir, len(steps) + 1, "probes", result.mod)

@@ -210,6 +210,9 @@ def build_plan(result, tgt: dict, model=None) -> Plan:
     if result.gathers_after_split:
         notes.append(f"{folded} of {sum(result.gathers_after_split.values())} channel permutations folded "
                      "into producers")
+    if result.fused:
+        notes.append(f"{result.fused} matmul layer(s) run their activation scale groups in one kernel (a float "
+                     "sum of the groups' exact int32 results, no int32 tensor per group)")
     acts = act_kernels(result.mod)
     if acts:
         kinds = ", ".join(sorted({a.split()[0] for a in acts}))

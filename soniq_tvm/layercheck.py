@@ -220,36 +220,19 @@ def kernel_checks(layers: dict[str, FileLayer], probes) -> tuple[list[LayerCheck
     total per activation scale group, :meth:`FileLayer.scale_key`)."""
     checks, inputs, totals = [], {}, {}
     for entry in probes:
-        if entry[0].get("kind") == "act-matmul":
+        kind = entry[0].get("kind")
+        if kind == "act-matmul":
             continue  # act_checks
+        if kind == "scale-groups":  # passes.fuse_scale_groups.GROUPS_PROBE
+            checks.append(_groups_check(layers, entry, inputs, totals))
+            continue
         qd, x, acc = entry
         op = QOp.from_dict(qd)
-        layer = layers.get(op.layer)
-        if layer is None:
-            checks.append(LayerCheck(op.layer, "kernel", "-", acc.size, acc.size, float("inf"),
-                                     "the file has no quantized conv/matmul of this name"))
+        found = _expected(layers, op, x, acc.shape)
+        if isinstance(found, LayerCheck):
+            checks.append(found)
             continue
-        cin = layer.w.shape[1] * op.groups if layer.op_type == "Conv" else layer.w.shape[0]
-        cout = layer.w.shape[0] if layer.op_type == "Conv" else layer.w.shape[1]
-        iidx = np.asarray(op.in_index or range(cin), np.int64)
-        oidx = np.asarray(op.out_index or range(cout), np.int64)
-        tag = op.layer if op.group < 0 else f"{op.layer}[g{op.group}]"
-        zeros = np.unique(layer.x_zero[iidx]) if op.groups == 1 else np.unique(layer.x_zero)
-        if zeros.size != 1:
-            checks.append(LayerCheck(tag, "kernel", layer.output, acc.size, acc.size, float("inf"),
-                                     f"one kernel reads channels with {zeros.size} zero points of the file"))
-            continue
-        try:
-            w = _group_weights(layer, op, iidx, oidx)
-            expect = reference(x, w, op.with_(a_zero=int(zeros[0])))
-        except (ValueError, IndexError) as e:
-            checks.append(LayerCheck(tag, "kernel", layer.output, acc.size, acc.size, float("inf"),
-                                     f"the module's kernel does not fit the file's weights: {e}"))
-            continue
-        if expect.shape != acc.shape:
-            checks.append(LayerCheck(tag, "kernel", layer.output, acc.size, acc.size, float("inf"),
-                                     f"shape {list(acc.shape)} vs the file's {list(expect.shape)}"))
-            continue
+        layer, expect, iidx, oidx, tag = found
         diff = acc.astype(np.int64) != expect
         detail = ""
         if diff.any():
@@ -259,20 +242,85 @@ def kernel_checks(layers: dict[str, FileLayer], probes) -> tuple[list[LayerCheck
                       + ", ".join(str(int(oidx[b])) for b in bad[:6]) + (" ..." if len(bad) > 6 else ""))
         checks.append(LayerCheck(tag, "kernel", layer.output, int(acc.size), int(diff.sum()),
                                  float(np.abs(acc.astype(np.int64) - expect).max()) if acc.size else 0.0, detail))
-        axis = layer.axis
-        if op.layer not in totals:
-            shape_x = list(x.shape)
-            shape_x[axis] = cin
-            inputs[op.layer] = np.zeros(shape_x, x.dtype)
-            totals[op.layer] = {}
-        key = layer.scale_key(iidx)
-        if key not in totals[op.layer]:
-            shape_o = list(acc.shape)
-            shape_o[axis] = cout
-            totals[op.layer][key] = np.zeros(shape_o, np.int64)
-        _put(inputs[op.layer], x, iidx, axis)
-        _add(totals[op.layer][key], acc, oidx, axis)
+        _record(layer, op, x, acc, iidx, oidx, inputs, totals)
     return checks, inputs, totals
+
+
+def _expected(layers: dict[str, FileLayer], op: QOp, x: np.ndarray, shape):
+    """``(file layer, exact result, input channels, output channels, tag)`` of one
+    kernel from the file's weights and zero points, or a failed LayerCheck saying
+    why the kernel does not fit the file."""
+    size = int(np.prod(shape))
+    layer = layers.get(op.layer)
+    if layer is None:
+        return LayerCheck(op.layer, "kernel", "-", size, size, float("inf"),
+                          "the file has no quantized conv/matmul of this name")
+    cin = layer.w.shape[1] * op.groups if layer.op_type == "Conv" else layer.w.shape[0]
+    cout = layer.w.shape[0] if layer.op_type == "Conv" else layer.w.shape[1]
+    iidx = np.asarray(op.in_index or range(cin), np.int64)
+    oidx = np.asarray(op.out_index or range(cout), np.int64)
+    tag = op.layer if op.group < 0 else f"{op.layer}[g{op.group}]"
+    zeros = np.unique(layer.x_zero[iidx]) if op.groups == 1 else np.unique(layer.x_zero)
+    if zeros.size != 1:
+        return LayerCheck(tag, "kernel", layer.output, size, size, float("inf"),
+                          f"one kernel reads channels with {zeros.size} zero points of the file")
+    try:
+        w = _group_weights(layer, op, iidx, oidx)
+        expect = reference(x, w, op.with_(a_zero=int(zeros[0])))
+    except (ValueError, IndexError) as e:
+        return LayerCheck(tag, "kernel", layer.output, size, size, float("inf"),
+                          f"the module's kernel does not fit the file's weights: {e}")
+    if tuple(expect.shape) != tuple(shape):
+        return LayerCheck(tag, "kernel", layer.output, size, size, float("inf"),
+                          f"shape {list(shape)} vs the file's {list(expect.shape)}")
+    return layer, expect, iidx, oidx, tag
+
+
+def _record(layer: FileLayer, op: QOp, x, acc, iidx, oidx, inputs: dict, totals: dict) -> None:
+    """Keep a kernel's input codes and int32 result, in the file's channel order."""
+    cin = layer.w.shape[1] * op.groups if layer.op_type == "Conv" else layer.w.shape[0]
+    cout = layer.w.shape[0] if layer.op_type == "Conv" else layer.w.shape[1]
+    axis = layer.axis
+    if op.layer not in totals:
+        shape_x = list(x.shape)
+        shape_x[axis] = cin
+        inputs[op.layer] = np.zeros(shape_x, x.dtype)
+        totals[op.layer] = {}
+    key = layer.scale_key(iidx)
+    if key not in totals[op.layer]:
+        shape_o = list(acc.shape)
+        shape_o[axis] = cout
+        totals[op.layer][key] = np.zeros(shape_o, np.int64)
+    _put(inputs[op.layer], x, iidx, axis)
+    _add(totals[op.layer][key], acc, oidx, axis)
+
+
+def _groups_check(layers: dict[str, FileLayer], entry, inputs: dict, totals: dict) -> LayerCheck:
+    """A scale-group kernel (``entry``: probe dict with the channels each group reads
+    of the input, input codes, float result): bit for bit against each group's exact
+    result from the file, ``float(acc_g) * (x_scale_g * w_scale)`` added in order."""
+    qd, x, out = entry
+    ops = [QOp.from_dict(d) for d in qd["groups"]]
+    columns = np.asarray(qd["columns"], np.int64)
+    tag = f"{ops[0].layer}[groups]"
+    y, col = None, 0
+    for op in ops:
+        k = op.w_shape[0]
+        xg = np.take(x, columns[col:col + k], axis=-1)
+        col += k
+        found = _expected(layers, op, xg, out.shape)
+        if isinstance(found, LayerCheck):
+            return found
+        layer, expect, iidx, oidx, _ = found
+        _record(layer, op, xg, expect, iidx, oidx, inputs, totals)
+        scale = (np.float32(layer.scale_key(iidx)[0]) * layer.w_scale.astype(np.float32)).astype(np.float32)
+        term = expect.astype(np.float32) * np.broadcast_to(scale, (layer.w.shape[1],))[oidx]
+        y = term if y is None else (y + term).astype(np.float32)
+    ours = np.asarray(out, np.float32)
+    diff = ours.view(np.int32) != y.view(np.int32)
+    return LayerCheck(tag, "kernel", ops[0].layer, int(ours.size), int(diff.sum()),
+                      float(np.abs(ours - y).max()) if ours.size else 0.0,
+                      f"float sum of {len(ops)} scale groups' exact results")
 
 
 def _put(dst, src, idx, axis):

@@ -77,6 +77,14 @@ def splat(value: int, lanes: int, dtype: str = "int32"):
     return tirx.Broadcast(tirx.const(value, dtype), lanes)
 
 
+def fenced(value, dtype: str):
+    """``value`` behind ``llvm.arithmetic.fence``: LLVM's backend fuses a multiply
+    into the add that consumes it (``vfmadd``, one rounding instead of two) in
+    explicit vector code; the fence keeps the two roundings of ``a * b + c`` that a
+    float reference (and TVM's own elementwise kernels) compute."""
+    return tirx.call_llvm_pure_intrin(dtype, "llvm.arithmetic.fence", value)
+
+
 def ones16(lanes: int = 16):
     return tirx.Broadcast(tirx.const(1, "int16"), lanes)
 

@@ -1,0 +1,125 @@
+"""One kernel for all the activation scale groups of a matmul layer.
+
+A layer whose input channels carry several steps (one per precision group, the
+SONIQ export) is folded into one exact integer kernel per group and a float combine
+``sum_g float(acc_g) * (s_g * sw)`` (:mod:`soniq_tvm.passes.fold_qdq`). Run as
+separate kernels, every group gathers its channels, writes an int32 tensor of the
+layer's full output size, and the combine reads them all back; on BERT-sized
+matmuls that costs more than the arithmetic. This kernel (``_groups_tir.py``) takes
+the int8-dot kernels the pack phase chose for the groups, with their packed weights
+as they are, and runs them one after the other on each output tile, adding each
+group's term to a float tile in registers and storing it once.
+
+:func:`scale_group_matmul` returns ``None`` ("not applicable") unless every group is
+an int8-dot matmul kernel of one family with the same rows, outputs, tile knobs and
+operand type (the int16 ``avx2-wide`` mode of 8 x 8 bits on AVX2 has another
+operand layout than the u8 modes, so an AVX2 layer mixing it with narrower groups
+stays as separate kernels). A group packed for the ``avx2-sum16`` mode runs with the
+``avx2-madd`` step here: same layout, and its exactness bound is the looser one.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from soniq_tvm.qop import QOp
+
+from . import _isa
+from .int8dot import MODES, _dot, act_offset, pad_fill
+
+__all__ = ["scale_group_matmul", "GROUPS_ATTR"]
+
+GROUPS_ATTR = "soniq.scale_groups"  # the fused kernel's group QOps (JSON list)
+SHUFFLE_MAX = 512  # widest input row gathered by one constant shuffle
+
+
+def _mode(family, op: QOp):
+    m = family.mode(op)
+    return MODES["avx2-madd"] if m.name == "avx2-sum16" else m
+
+
+def scale_group_matmul(parts, target=None, columns=None, x_shape=None):
+    """``parts``: per scale group, in combine order, ``(QOp, wp, corr, scale)`` with the
+    group's int8-dot kernel QOp (family and knobs set by the pack phase), its packed
+    weights and correction as passed to that kernel, and its per-output float32
+    factor ``s_g * sw``. ``columns``: the input channels the groups read, one after
+    the other, in a tensor of ``x_shape`` (default: the groups' channels side by side,
+    ``x`` holding nothing else). Returns ``(PrimFunc, [columns, meta, wp, corr,
+    scale])`` (the constants to pass after the input), or None when the groups
+    cannot share a kernel."""
+    from soniq_tvm.schedules import registry
+
+    if len(parts) < 2:
+        return None
+    ops = [p[0] for p in parts]
+    names = {op.family for op in ops}
+    if len(names) != 1 or ops[0].kind != "matmul":
+        return None
+    family = registry.get(next(iter(names)))
+    if not hasattr(family, "mode") or not hasattr(family, "layout") or family.name.endswith("-lowbit"):
+        return None
+    if target is not None and hasattr(family, "_target_ok") and not family._target_ok(target):
+        return None
+    modes = [_mode(family, op) for op in ops]
+    if len({(m.vl, m.kv, m.a_dtype, m.w_dtype) for m in modes}) != 1 or modes[0].name == "avx2-wide":
+        return None
+    mode = modes[0]
+    lead = {tuple(op.x_shape[:-1]) for op in ops}
+    outs = {op.w_shape[1] for op in ops}
+    knobs = [family.knobs(op) for op in ops]
+    if len(lead) != 1 or len(outs) != 1 or len({(k["R"], k["J"]) for k in knobs}) != 1:
+        return None
+    if len({op.a_dtype for op in ops}) != 1:
+        return None
+    n = outs.pop()
+    if len({tuple(op.out_index) for op in ops}) != 1 or (ops[0].out_index and len(ops[0].out_index) != n):
+        return None  # every group produces every output channel, in one order
+    m = int(np.prod(ops[0].x_shape[:-1])) if len(ops[0].x_shape) > 1 else 1
+    wps, corrs, scales, meta = [], [], [], []
+    x0 = s0 = 0
+    for (op, wp, corr, scale), md in zip(parts, modes):
+        wp = np.asarray(wp)
+        if wp.ndim != 7 or wp.shape[0] != 1 or wp.shape[2:4] != (1, 1):
+            return None
+        cb = wp.shape[4]
+        wps.append(wp.reshape(wp.shape[1], cb, wp.shape[5], wp.shape[6]))
+        corrs.append(np.asarray(corr, np.int32).reshape(-1))
+        ogp = corrs[-1].size
+        sc = np.zeros(ogp, np.float32)
+        sc[:n] = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (n,))
+        scales.append(sc)
+        k = op.w_shape[0]
+        meta.append([x0, k, s0, cb, act_offset(op, md), pad_fill(op, md)])
+        x0, s0 = x0 + k, s0 + cb * md.kv
+    if len({w.shape[0] for w in wps}) != 1 or len({c.size for c in corrs}) != 1:
+        return None
+    wp_all = np.ascontiguousarray(np.concatenate(wps, axis=1))
+    from ._groups_tir import build
+
+    x_shape = tuple(x_shape) if x_shape is not None else tuple(ops[0].x_shape[:-1]) + (x0,)
+    columns = np.arange(x0) if columns is None else np.asarray(columns, np.int64).reshape(-1)
+    if columns.size != x0 or x_shape[:-1] != tuple(ops[0].x_shape[:-1]) or columns.min() < 0 \
+            or columns.max() >= x_shape[-1]:
+        return None
+    gather = not np.array_equal(columns, np.arange(x_shape[-1]))
+    # each xs column: the x channel it reads (padding: 0), the value added (the group's
+    # offset, or the fill of a padding column) and a mask (0: padding)
+    lanes, info = np.zeros(s0, np.int64), np.zeros((2, s0), np.int64)
+    for (g0, k, c0, cb, off, fill), md in zip(meta, modes):
+        lanes[c0:c0 + k] = columns[g0:g0 + k]
+        info[0, c0:c0 + cb * md.kv] = fill
+        info[0, c0:c0 + k], info[1, c0:c0 + k] = off, 255
+    # a whole row in one constant byte shuffle (vpermb / vpermt2b where the CPU has
+    # AVX512-VBMI): ~7x the scalar gather on a 256-channel row; LLVM splits it, so
+    # it stays for rows of at most 512 channels (larger ones gather element-wise)
+    shuffle = gather and mode.a_dtype in ("uint8", "int8") and x_shape[-1] <= SHUFFLE_MAX
+    whole = ops[0].with_(x_shape=x_shape[:-1] + (x0,), w_shape=(x0, n))  # the layer, for sizes
+    relayout = _isa.parallel_pass(whole, m * s0 * (1 if shuffle or not gather else 4))
+    func = build(mode, len(parts), m, x_shape[-1], x0, n, wp_all.shape[1], wp_all.shape[0], knobs[0], x_shape,
+                 ops[0].a_dtype, _dot, _isa.parallel_loop(whole), relayout, gather,
+                 [int(v) for v in lanes] if shuffle else None)
+    func = func.with_attr(GROUPS_ATTR, json.dumps([op.to_dict() for op in ops])).with_attr("tirx.is_scheduled", True)
+    consts = [columns.astype(np.int32), (info & 255).astype(np.uint8).view(mode.a_dtype),
+              np.asarray(meta, np.int32), wp_all, np.stack(corrs).astype(np.int32), np.stack(scales)]
+    return func, consts
