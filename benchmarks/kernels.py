@@ -1,5 +1,5 @@
 """Per-family kernel throughput against the machine's primitive peaks:
-``python -m benchmarks.kernels [--quick] [--sections families,gemv,conv,depthwise,attention]``.
+``python -m benchmarks.kernels [--quick] [--sections families,gemv,conv,depthwise,attention,winograd]``.
 
 Two workloads: a ResNet-like 3x3 conv (1x64x56x56 -> 64, pad 1) and a 4096x4096
 GEMV, at several (w_bits, a_bits). Each applicable CPU family is compiled for the
@@ -37,10 +37,16 @@ Sections (``--sections``, all by default):
   dot-product kernel (``schedules/cpu/actdot.py``: VNNI, or int16 ``vpmaddwd``
   pairs on AVX2; both on a VNNI host) against the generic int32 ``Matmul`` rule
   it replaces, interleaved; %prim against the VNNI / ``avx2-wide`` primitive.
+* ``winograd``: ResNet-18's stride-1 3x3 convs as the low group of a 75 %-low layer
+  (2x2 and 4x4 bits), the int8-dot kernel against integer Winograd F(2x2, 3x3)
+  (``schedules/cpu/winograd.py``), for the host (VNNI) and as an AVX2 build,
+  interleaved; GOP/s and %peak count the direct convolution's MACs, with the cost
+  model's figure beside each.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 
 import numpy as np
@@ -407,6 +413,61 @@ def depthwise_section(rounds: int, log=print) -> list[dict]:
     return rows
 
 
+RESNET_3X3 = [(64, 56), (128, 28), (256, 14), (512, 7)]  # ResNet-18's stride-1 3x3 convs: (channels, size)
+WINOGRAD_RUNS = [("x86-avx512-vnni", "x86-avx512-winograd", None, {"avx512f", "avx512bw", "avx512vnni"}, "avx512-vnni"),
+                 ("x86-avx2-dot", "x86-avx2-winograd", AVX2_CPU, {"avx2"}, "avx2-madd")]
+
+
+def winograd_section(rounds: int, log=print, widths=((2, 2), (4, 4)), low: float = 0.75) -> list[dict]:
+    """ResNet-18's stride-1 3x3 convs as the low group of a 75 %-low layer (3/4 of the
+    input channels, every output channel) at low widths: the int8-dot kernel against
+    integer Winograd, for this host (VNNI, where it has it) and as an AVX2 build,
+    interleaved. GOP/s and %peak count the direct convolution's MACs, so Winograd's
+    may pass 100 % of the primitive's peak."""
+    from soniq_tvm.qop import QOp
+    from soniq_tvm.schedules import registry
+    from soniq_tvm.schedules.cpu import _isa
+
+    from .peak import run_peaks
+
+    hostf = _isa.host_features()
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for r in run_peaks(log=lambda s: None)["peaks"]:
+        if r["kernel"] == "int8 dot (exact)":
+            peaks["avx512-vnni" if r["isa"].startswith("AVX512-VNNI") else "avx2-madd"] = r["gmacs"]
+    timers, meta = {}, {}
+    for (c, hw), (wb, ab) in itertools.product(RESNET_3X3, widths):
+        cin = int(c * low)
+        op = QOp("conv2d", f"{cin}->{c}@{hw}", (1, cin, hw, hw), (c, cin, 3, 3), (wb,) * cin, (ab,) * cin,
+                 padding=(1, 1, 1, 1))
+        for dot, wino, mcpu, need, mode in WINOGRAD_RUNS:
+            if not need <= hostf:
+                continue
+            target = _target(mcpu)
+            for name in (dot, wino):
+                fam = registry.get(name)
+                timer, exact, _ = _kernel_timer(fam, registry.with_target_knobs(fam, op, target), target, rng)
+                timers[(name, op.layer, wb, ab)] = timer
+                meta[(name, op.layer, wb, ab)] = (op, exact, mode, fam.cost(op, target))
+    med = _interleave(timers, rounds)
+    log(f"ResNet-18 3x3 convs, {int(low * 100)} % low group, medians of {rounds} interleaved rounds "
+        "(GOP/s: direct-conv MACs)")
+    log(f"{'conv':14} {'w,a':5} {'family':20} {'us':>8} {'GOP/s':>7} {'%peak':>6} {'x dot':>6} {'cost':>9} exact")
+    rows = []
+    for (name, layer, wb, ab), t in med.items():
+        op, exact, mode, cost = meta[(name, layer, wb, ab)]
+        dot = next(d for d, w, *_ in WINOGRAD_RUNS if name in (d, w))
+        ref = med[(dot, layer, wb, ab)]
+        gops = 2 * op.macs / t / 1e9
+        pct = 100 * gops / (2 * peaks[mode]) if mode in peaks else float("nan")
+        rows.append({"conv": layer, "w": wb, "a": ab, "family": name, "us": t * 1e6, "gops": gops, "pct_peak": pct,
+                     "x_dot": t / ref, "cost": cost, "exact": exact})
+        log(f"{layer:14} {wb},{ab:<3} {name:20} {t * 1e6:8.1f} {gops:7.1f} {pct:5.0f}% {t / ref:6.2f} {cost:9.0f} "
+            f"{exact}")
+    return rows
+
+
 ATTENTION = [(4, 128, 64, 128, "int8"), (4, 128, 128, 64, "uint8")]  # (heads, m, k, n, a codes)
 
 
@@ -483,8 +544,8 @@ def attention_section(rounds: int, log=print) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer bit widths, no bitplane-ref baseline")
-    ap.add_argument("--sections", default="families,gemv,conv,depthwise,attention",
-                    help="comma-separated: families, gemv, conv, depthwise, attention")
+    ap.add_argument("--sections", default="families,gemv,conv,depthwise,attention,winograd",
+                    help="comma-separated: families, gemv, conv, depthwise, attention, winograd")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the gemv/conv/depthwise tables")
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
@@ -498,6 +559,8 @@ def main(argv=None) -> int:
         depthwise_section(max(3, rounds // 3))
     if "attention" in sections:
         attention_section(rounds)
+    if "winograd" in sections:
+        winograd_section(rounds)
     if "families" not in sections:
         return 0
     import tvm

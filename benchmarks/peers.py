@@ -22,6 +22,8 @@ the quantization step of a graph output that a DequantizeLinear produces.
 """
 from __future__ import annotations
 
+import os
+
 import dataclasses
 import logging
 import time
@@ -145,12 +147,14 @@ def quantize_ort_int8(
 
 # --------------------------------------------------------------------------- TVM
 def host_target() -> dict:
-    """The TVM target for this machine: llvm, the host's mcpu, 2 cores."""
+    """The TVM target for this machine: llvm, the host's mcpu (or ``SONIQ_BENCH_MCPU``,
+    set by ``benchmarks.run --mcpu``: e.g. ``haswell`` measures AVX2 code on any
+    x86 host), 2 cores."""
     import tvm
 
     return {
         "kind": "llvm",
-        "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+        "mcpu": os.environ.get("SONIQ_BENCH_MCPU") or tvm.target.codegen.llvm_get_system_cpu(),
         "num-cores": NUM_THREADS,
     }
 

@@ -220,6 +220,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default 15, quick 3)")
     p.add_argument("--pair-per-round", type=int, default=7,
                    help="calls of each side per paired round (default 7)")
+    p.add_argument("--mcpu", default=None,
+                   help="build the TVM rows (soniq, TVM fp32) for this LLVM CPU instead of the host's, e.g. "
+                        "haswell for AVX2 code (it must run on this host)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results.json"), help="JSON results file")
     p.add_argument("--workdir", type=Path, default=None, help="where ONNX files go (default: a temp dir)")
     args = p.parse_args(argv)
@@ -242,6 +245,8 @@ def run(argv=None, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark; print progress and the table; write and return the JSON results."""
     args = parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(peers.NUM_THREADS))  # read when TVM's pool starts
+    if args.mcpu:
+        os.environ["SONIQ_BENCH_MCPU"] = args.mcpu  # peers.host_target
     started = time.perf_counter()
     load_before = os.getloadavg()
     if load_before[0] > 0.5:

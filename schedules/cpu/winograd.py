@@ -182,9 +182,9 @@ class WinogradFamily:
         return self.refusal(op, target) is None
 
     def cost(self, op: QOp, target) -> float | None:
-        """The int8-dot families' units: padded MACs of the 16 reductions at the mode's
-        rate, the transformed weights streamed (16/9 of the direct ones), the two
-        transforms per tile and channel, and a fixed cost of the three stages."""
+        """The int8-dot families' units: the larger of the 16 reductions' padded MACs at
+        the fitted rate and the transformed weights streamed (16/9 of the direct
+        ones), plus the two transforms per tile and channel."""
         if not self.accepts(op, target):
             return None
         lay = self.layout(op)
@@ -192,7 +192,7 @@ class WinogradFamily:
         macs = tiles * 16 * lay["op"] * lay["cp"]
         weights = 16 * lay["op"] * lay["cp"]
         transforms = tiles * (lay["cp"] + lay["op"]) * self.transform_cost
-        return float(macs / self.macs_per_cycle + weights / self.stream_bytes + transforms + self.fixed)
+        return float(max(macs / self.macs_per_cycle, weights / self.stream_bytes) + transforms + self.fixed)
 
     # ---- layout and knobs ------------------------------------------------------
     def layout(self, op: QOp) -> dict:
@@ -273,15 +273,16 @@ class WinogradFamily:
         return func.with_attr("soniq.qop", tagged.to_json()).with_attr("tirx.is_scheduled", True)
 
 
-# Rates on the int8-dot families' scale (their VNNI 3x3 conv: 115 MACs a unit, ~2,600
-# units a microsecond on the 2-core dev host), fitted to the kernel's times on ResNet-18's
-# low-bit 3x3 groups (48 -> 64 channels at 56x56 to 384 -> 512 at 7x7, 2-bit, untuned;
-# benchmarks.kernels --sections winograd). VNNI: the reductions at the int8-dot rate,
-# ~6 units per tile and channel for the transforms, ~130k units (~50 us) whatever the
-# size. AVX2 (a haswell build, measured on an AVX-512 host): the reductions at 43 (the
-# 16-bit-sum rate of the int8-dot family), ~11 units per tile and channel, no fixed
-# part. Weights stream as the int8-dot families' do.
+# Rates on the int8-dot families' scale, fitted to the kernel's times on ResNet-18's
+# low-bit 3x3 groups (48 -> 64 channels at 56x56 to 384 -> 512 at 7x7, 2 and 4 bits,
+# 2 threads, untuned; ``benchmarks.kernels --sections winograd``, Sapphire Rapids
+# host): VNNI ~91 MACs a unit in the reductions and ~18 units per tile and channel
+# for the transforms: it never beats the int8-dot kernel (at 115 MACs a unit, 86-94 %
+# of the vpdpbusd peak) on those layers, at best ties it at 14x14. AVX2 (a haswell
+# build on the same host): ~30 MACs a unit, ~16 units per tile and channel: 1.3-1.4x
+# faster than the int8-dot kernel at 28x28 to 7x7, slower at 56x56, where the
+# transforms of 784 tiles cost more than the multiplies they save.
 AVX512_WINOGRAD = WinogradFamily("x86-avx512-winograd", "avx512-vnni", ["avx512f", "avx512bw", "avx512vnni"],
-                                 macs_per_cycle=115.0, stream_bytes=17.0, transform_cost=6.0, fixed=132e3)
-AVX2_WINOGRAD = WinogradFamily("x86-avx2-winograd", "avx2-madd", ["avx2"], macs_per_cycle=43.0, stream_bytes=9.0,
-                               transform_cost=11.0, fixed=0.0)
+                                 macs_per_cycle=91.0, stream_bytes=17.0, transform_cost=18.0, fixed=0.0)
+AVX2_WINOGRAD = WinogradFamily("x86-avx2-winograd", "avx2-madd", ["avx2"], macs_per_cycle=30.0, stream_bytes=9.0,
+                               transform_cost=16.0, fixed=0.0)

@@ -301,10 +301,11 @@ def test_cost_gates_on_target_features():
 def test_select_prefers_the_right_family():
     conv = dict(x=(1, 64, 56, 56), w=(64, 64, 3, 3), padding=(1, 1, 1, 1))
     assert registry.select(make_op("conv2d", 1, 1, **conv), AVX2).name == "cpu-bitserial"
-    # 2-bit 3x3 stride 1: integer Winograd (1.2x the int8-dot kernel at this shape, haswell build)
-    assert registry.select(make_op("conv2d", 2, 2, **conv), AVX2).name == "x86-avx2-winograd"
-    strided = dict(conv, strides=(2, 2))
-    assert registry.select(make_op("conv2d", 2, 2, **strided), AVX2).name == "x86-avx2-dot"
+    assert registry.select(make_op("conv2d", 2, 2, **conv), AVX2).name == "x86-avx2-dot"
+    # narrow codes, 3x3 stride 1 on a smaller image: integer Winograd (1.3x, haswell build)
+    small = dict(x=(1, 192, 14, 14), w=(256, 192, 3, 3), padding=(1, 1, 1, 1))
+    assert registry.select(make_op("conv2d", 2, 2, **small), AVX2).name == "x86-avx2-winograd"
+    assert registry.select(make_op("conv2d", 2, 2, strides=(2, 2), **small), AVX2).name == "x86-avx2-dot"
     assert registry.select(make_op("conv2d", 8, 8, **conv), AVX2).name == "x86-avx2-dot"
     icelake = tv.Target({"kind": "llvm", "mcpu": "icelake-server"})
     assert registry.select(make_op("conv2d", 8, 8, **conv), icelake).name == "x86-avx512-vnni"
