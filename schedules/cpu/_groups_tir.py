@@ -24,7 +24,7 @@ from tvm.script import tirx as T
 from soniq_tvm import tvm_shim as tv
 
 from . import _isa
-from ._int8dot_tir import clamp_start, split_tile
+from ._int8dot_tir import clamp_start, split_tile, zero_tile
 
 tirx = tv.tirx
 
@@ -120,10 +120,7 @@ def build(mode, ng: int, m: int, k: int, kg: int, n: int, cbt: int, obt: int, kn
             for g in range(ng):
                 acc0 = T.alloc_buffer((RA * J * VL,), "int32")
                 acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
-                for u in T.unroll(RA * J):
-                    acc0[T.ramp(u * VL, 1, VL)] = _isa.zeros("int32", VL)
-                for u in T.unroll(RB * J):
-                    acc1[T.ramp(u * VL, 1, VL)] = _isa.zeros("int32", VL)
+                zero_tile(acc0, acc1, RA * J, RB * J, VL)
                 w0: T.let = meta[g, 2] // KV
                 for cb in range(meta[g, 3]):
                     steps(acc0, 0, RA, xs, wp, m0, ob, w0 + cb)

@@ -15,7 +15,7 @@ from tvm.script import tirx as T
 from soniq_tvm import tvm_shim as tv
 
 from . import _isa
-from ._int8dot_tir import clamp_start, split_tile
+from ._int8dot_tir import clamp_start, split_tile, zero_tile
 
 tirx = tv.tirx
 
@@ -156,10 +156,7 @@ def build(op, g, mode, lay, knobs, dot, off):
             for e in range(16):
                 acc0 = T.alloc_buffer((RA * J * VL,), "int32")
                 acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
-                for u in T.unroll(RA * J):
-                    acc0[T.ramp(u * VL, 1, VL)] = _isa.zeros("int32", VL)
-                for u in T.unroll(RB * J):
-                    acc1[T.ramp(u * VL, 1, VL)] = _isa.zeros("int32", VL)
+                zero_tile(acc0, acc1, RA * J, RB * J, VL)
                 micro(acc0, 0, RA, vt, wp, n, e, t0, obt)
                 micro(acc1, RA, RB, vt, wp, n, e, t0, obt)
                 keep(mloc, acc0, 0, RA, e)

@@ -131,6 +131,7 @@ def test_transformer_scale_groups_in_one_kernel_verified():
     import soniq_tvm
     import soniq_tvm.passes.pipeline as pipeline
     from soniq_tvm import models
+    from soniq_tvm.verify import verify
 
     proto = models.example_transformer()
     m = soniq_tvm.compile(proto, target="llvm")
@@ -143,7 +144,7 @@ def test_transformer_scale_groups_in_one_kernel_verified():
     assert fused >= 4
     kinds = [p.get("kind") for p in m.manifest["probes"]]
     assert kinds.count("scale-groups") == fused
-    report = soniq_tvm.verify(proto, m, inputs=inputs)
+    report = verify(proto, m, inputs=inputs)
     checks = [c for c in report.layers if c.layer.endswith("[groups]")]
     assert len(checks) == fused and all(c.ok for c in checks), [str(c) for c in checks]
     assert all(c.ok for c in report.layers if c.what == "kernel")
