@@ -4,8 +4,9 @@ Runs after every other phase, on the final Relax module. ``main`` is copied into
 ``soniq_probe``, which computes exactly what ``main`` computes (the same kernels,
 glue and constants: the copy shares every PrimFunc) and returns, after main's
 outputs, the input codes and the int32 result of every integer kernel call, in
-call order (a scale-group kernel: its input codes and float result). :func:`probe_list` says which kernel each pair belongs to (its QOp,
-with the file's channel numbers of a split group), and the manifest stores it.
+call order (a scale-group kernel: its input codes and float result).
+:func:`probe_list` says which kernel each pair belongs to (its QOp, with the file's
+channel numbers of a split group), and the manifest stores it.
 
 ``soniq_tvm.verify`` uses the pairs to check a saved module layer by layer: each
 kernel's result against an exact integer reference computed from the *file's*

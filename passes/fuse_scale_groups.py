@@ -1,4 +1,4 @@
-"""Phase 11: a matmul layer's activation scale groups in one kernel (``main`` only).
+"""Phase 10: a matmul layer's activation scale groups in one kernel (``main`` only).
 
 :mod:`fold_qdq` folds a layer whose input channels carry several steps into one
 exact kernel per (step, zero point) group and a float combine, which the later
@@ -130,11 +130,9 @@ def _ints(expr) -> list[int] | None:
 
 
 class _Fuse(tv.PyExprMutator):
-    def __init__(self, mod, target, chains: _Chains):
+    def __init__(self, mod, chains: _Chains):
         super().__init__(mod)
-        self.target = target
         self.chains = chains
-        self.count = 0
 
     def _fused(self, terms, shape):
         parts, src = [], None
@@ -148,15 +146,13 @@ class _Fuse(tv.PyExprMutator):
             src = found[0]
             parts.append(((op, tv.const_value(args[1]), tv.const_value(args[2]), tv.const_value(factor)), found[1]))
         perm = np.concatenate([idx for _, idx in parts])
-        built = scale_group_matmul([p for p, _ in parts], self.target, columns=perm,
-                                   x_shape=tv.shape_of(src))
+        built = scale_group_matmul([p for p, _ in parts], columns=perm, x_shape=tv.shape_of(src))
         if built is None:
             return None
         func, consts = built
         x = self.visit_expr(src)
         layer = parts[0][0][0].layer
         gv = self.builder_.add_func(func.without_attr("global_symbol"), f"soniq_matmul_{safe_name(layer)}_groups")
-        self.count += 1
         return tv.call_tir(gv, [x] + [tv.const(c) for c in consts], shape, "float32")
 
     def visit_call_(self, call):
@@ -180,7 +176,7 @@ def FuseScaleGroups(target, force: str | None = None):
         chains = _Chains(mod, mod[main_gv])
         if not chains.roots:
             return mod
-        m = tv.mutator(_Fuse)(mod, target, chains)
+        m = tv.mutator(_Fuse)(mod, chains)
         m.builder_.update_func(main_gv, m.visit_expr(mod[main_gv]))
         return m.builder_.get()
 

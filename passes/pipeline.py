@@ -46,7 +46,7 @@ class PipelineResult:
     gathers_after_split: dict = field(default_factory=dict)
     gathers: dict = field(default_factory=dict)  # run-time gathers left, per layer
     declined: dict = field(default_factory=dict)  # layer -> why its quantized op stayed float
-    probes: list = field(default_factory=list)  # QOp dicts of soniq_probe's kernel calls (phase 10)
+    probes: list = field(default_factory=list)  # QOp dicts of soniq_probe's kernel calls (phase 11)
     fused: int = 0  # matmul layers whose scale groups run in one kernel (phase 10)
 
 

@@ -255,8 +255,7 @@ def _expected(layers: dict[str, FileLayer], op: QOp, x: np.ndarray, shape):
     if layer is None:
         return LayerCheck(op.layer, "kernel", "-", size, size, float("inf"),
                           "the file has no quantized conv/matmul of this name")
-    cin = layer.w.shape[1] * op.groups if layer.op_type == "Conv" else layer.w.shape[0]
-    cout = layer.w.shape[0] if layer.op_type == "Conv" else layer.w.shape[1]
+    cin, cout = _channels(layer, op)
     iidx = np.asarray(op.in_index or range(cin), np.int64)
     oidx = np.asarray(op.out_index or range(cout), np.int64)
     tag = op.layer if op.group < 0 else f"{op.layer}[g{op.group}]"
@@ -276,10 +275,16 @@ def _expected(layers: dict[str, FileLayer], op: QOp, x: np.ndarray, shape):
     return layer, expect, iidx, oidx, tag
 
 
+def _channels(layer: FileLayer, op: QOp) -> tuple[int, int]:
+    """The layer's input and output channel counts in the file."""
+    if layer.op_type == "Conv":
+        return layer.w.shape[1] * op.groups, layer.w.shape[0]
+    return layer.w.shape[0], layer.w.shape[1]
+
+
 def _record(layer: FileLayer, op: QOp, x, acc, iidx, oidx, inputs: dict, totals: dict) -> None:
     """Keep a kernel's input codes and int32 result, in the file's channel order."""
-    cin = layer.w.shape[1] * op.groups if layer.op_type == "Conv" else layer.w.shape[0]
-    cout = layer.w.shape[0] if layer.op_type == "Conv" else layer.w.shape[1]
+    cin, cout = _channels(layer, op)
     axis = layer.axis
     if op.layer not in totals:
         shape_x = list(x.shape)

@@ -68,13 +68,13 @@ def host_features() -> frozenset[str]:
 
 # ---- expression helpers ------------------------------------------------------
 
-def zeros(dtype: str, lanes: int):
-    return tirx.Broadcast(tirx.const(0, dtype), lanes)
-
-
 def splat(value: int, lanes: int, dtype: str = "int32"):
     """``value`` in every one of ``lanes`` lanes."""
     return tirx.Broadcast(tirx.const(value, dtype), lanes)
+
+
+def zeros(dtype: str, lanes: int):
+    return splat(0, lanes, dtype)
 
 
 def fenced(value, dtype: str):

@@ -26,7 +26,7 @@ import numpy as np
 from soniq_tvm.qop import QOp
 
 from . import _isa
-from .int8dot import MODES, _dot, act_offset, pad_fill
+from .int8dot import MODES, Int8DotFamily, _dot, act_offset, pad_fill
 
 __all__ = ["scale_group_matmul", "GROUPS_ATTR"]
 
@@ -39,7 +39,7 @@ def _mode(family, op: QOp):
     return MODES["avx2-madd"] if m.name == "avx2-sum16" else m
 
 
-def scale_group_matmul(parts, target=None, columns=None, x_shape=None):
+def scale_group_matmul(parts, columns=None, x_shape=None):
     """``parts``: per scale group, in combine order, ``(QOp, wp, corr, scale)`` with the
     group's int8-dot kernel QOp (family and knobs set by the pack phase), its packed
     weights and correction as passed to that kernel, and its per-output float32
@@ -57,9 +57,7 @@ def scale_group_matmul(parts, target=None, columns=None, x_shape=None):
     if len(names) != 1 or ops[0].kind != "matmul":
         return None
     family = registry.get(next(iter(names)))
-    if not hasattr(family, "mode") or not hasattr(family, "layout") or family.name.endswith("-lowbit"):
-        return None
-    if target is not None and hasattr(family, "_target_ok") and not family._target_ok(target):
+    if not isinstance(family, Int8DotFamily):  # the pack phase chose it for the target
         return None
     modes = [_mode(family, op) for op in ops]
     if len({(m.vl, m.kv, m.a_dtype, m.w_dtype) for m in modes}) != 1 or modes[0].name == "avx2-wide":
@@ -113,8 +111,9 @@ def scale_group_matmul(parts, target=None, columns=None, x_shape=None):
     # a whole row in one constant byte shuffle (vpermb / vpermt2b where the CPU has
     # AVX512-VBMI): ~7x the scalar gather on a 256-channel row; LLVM splits it, so
     # it stays for rows of at most 512 channels (larger ones gather element-wise)
-    shuffle = gather and mode.a_dtype in ("uint8", "int8") and x_shape[-1] <= SHUFFLE_MAX
+    shuffle = gather and x_shape[-1] <= SHUFFLE_MAX
     whole = ops[0].with_(x_shape=x_shape[:-1] + (x0,), w_shape=(x0, n))  # the layer, for sizes
+    # an element-wise gather costs about 4 byte copies per byte: it goes parallel sooner
     relayout = _isa.parallel_pass(whole, m * s0 * (1 if shuffle or not gather else 4))
     func = build(mode, len(parts), m, x_shape[-1], x0, n, wp_all.shape[1], wp_all.shape[0], knobs[0], x_shape,
                  ops[0].a_dtype, _dot, _isa.parallel_loop(whole), relayout, gather,

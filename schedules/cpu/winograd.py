@@ -143,14 +143,13 @@ class WinogradFamily:
     """
 
     def __init__(self, name: str, mode: str, need: Sequence[str], macs_per_cycle: float, stream_bytes: float,
-                 transform_cost: float, fixed: float):
+                 transform_cost: float):
         self.name = name
         self.mode_name = mode
         self.need = tuple(need)
         self.macs_per_cycle = macs_per_cycle
         self.stream_bytes = stream_bytes
         self.transform_cost = transform_cost
-        self.fixed = fixed
 
     @property
     def mode(self) -> Mode:
@@ -192,7 +191,7 @@ class WinogradFamily:
         macs = tiles * 16 * lay["op"] * lay["cp"]
         weights = 16 * lay["op"] * lay["cp"]
         transforms = tiles * (lay["cp"] + lay["op"]) * self.transform_cost
-        return float(max(macs / self.macs_per_cycle, weights / self.stream_bytes) + transforms + self.fixed)
+        return float(max(macs / self.macs_per_cycle, weights / self.stream_bytes) + transforms)
 
     # ---- layout and knobs ------------------------------------------------------
     def layout(self, op: QOp) -> dict:
@@ -283,6 +282,6 @@ class WinogradFamily:
 # faster than the int8-dot kernel at 28x28 to 7x7, slower at 56x56, where the
 # transforms of 784 tiles cost more than the multiplies they save.
 AVX512_WINOGRAD = WinogradFamily("x86-avx512-winograd", "avx512-vnni", ["avx512f", "avx512bw", "avx512vnni"],
-                                 macs_per_cycle=91.0, stream_bytes=17.0, transform_cost=18.0, fixed=0.0)
+                                 macs_per_cycle=91.0, stream_bytes=17.0, transform_cost=18.0)
 AVX2_WINOGRAD = WinogradFamily("x86-avx2-winograd", "avx2-madd", ["avx2"], macs_per_cycle=30.0, stream_bytes=9.0,
-                               transform_cost=16.0, fixed=0.0)
+                               transform_cost=16.0)

@@ -56,7 +56,7 @@ def groups_case(family_name, target, lead=(1, 16), ks=(32, 20), bits=((8, 8), (2
 
 
 def run(parts, x, columns, target):
-    built = scale_group_matmul(parts, target, columns=columns, x_shape=x.shape)
+    built = scale_group_matmul(parts, columns=columns, x_shape=x.shape)
     assert built is not None
     func, consts = built
     lib = tvm.compile(func, target=target)
@@ -116,7 +116,7 @@ def test_not_applicable_says_none():
     other_j = [(parts[0][0].with_(knobs={"R": 4, "J": 1}),) + parts[0][1:], parts[1]]
     assert scale_group_matmul(other_j) is None  # tiles differ
     wide = groups_case("x86-avx2-dot", HASWELL, bits=((8, 8), (2, 2)))[0]
-    assert scale_group_matmul(wide, HASWELL) is None  # int16 operands beside u8 ones
+    assert scale_group_matmul(wide) is None  # int16 operands beside u8 ones
     mixed = [parts[0], groups_case("x86-avx2-dot", HASWELL)[0][1]]
     assert scale_group_matmul(mixed) is None  # two families
     conv = parts[0][0].with_(kind="conv2d")
