@@ -1,4 +1,4 @@
-"""Phase 10: a matmul layer's activation scale groups in one kernel (``main`` only).
+"""Phase 10: a conv or matmul layer's activation scale groups in one kernel (``main`` only).
 
 :mod:`fold_qdq` folds a layer whose input channels carry several steps into one
 exact kernel per (step, zero point) group and a float combine, which the later
@@ -7,12 +7,13 @@ phases keep as
     t_0 = astype(call_tir(k_0, (x_0, wp_0, corr_0)), float32) * c_0
     t_g = t_(g-1) + astype(call_tir(k_g, (x_g, wp_g, corr_g)), float32) * c_g
 
-with ``x_g`` a gather (``take``) or a slice of the layer's input ``X`` along its last
-axis. Where every ``k_g`` is an int8-dot matmul kernel that can share one tile loop
-(:func:`soniq_tvm.schedules.cpu.groups.scale_group_matmul` decides, "not applicable"
-is ``None``), this pass replaces the whole combine with
+with ``x_g`` a gather (``take``) or a slice of the layer's input ``X`` along its
+channel axis (the last one of a matmul input, axis 1 of a conv's NCHW input). Where
+every ``k_g`` is an int8-dot kernel that can share one tile loop
+(:func:`soniq_tvm.schedules.cpu.groups.scale_group_matmul` and ``scale_group_conv``
+decide, "not applicable" is ``None``), this pass replaces the whole combine with
 
-    call_tir(scale-group kernel, (X, columns, meta, wp, corr, scale))  ->  float32
+    call_tir(scale-group kernel, (X, columns, <tables>, wp, corr, scale))  ->  float32
 
 which gathers each group's channels of ``X`` (``columns``: ``concat(idx_g)``) while
 re-laying them out for the dot products, so no gather runs outside. The kernel
@@ -21,8 +22,8 @@ performs the same float operations in the same order as the combine.
 Runs on ``main`` after the cleanup, before the probes: ``soniq_probe`` returns the
 kernel's input and float result, which :func:`soniq_tvm.verify` checks bit for bit
 against the groups' exact integer results from the file combined in the same order.
-Leaves alone: conv layers, combines of other kernel families, and everything when
-a family is forced.
+Leaves alone: combines of other kernel families or of kernels with different tile
+knobs, and everything when a family is forced.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from soniq_tvm import tvm_shim as tv
 from soniq_tvm.qop import QOp
-from soniq_tvm.schedules.cpu.groups import GROUPS_ATTR, scale_group_matmul
+from soniq_tvm.schedules.cpu.groups import GROUPS_ATTR, scale_group_conv, scale_group_matmul
 
 from ._common import CALL_TIR, safe_name, soniq_call
 
@@ -95,21 +96,23 @@ class _Chains:
         head = [first] if first is not None else self.chain(v.args[0])
         return None if head is None else head + [last]
 
-    def source(self, expr, k: int):
+    def source(self, expr, k: int, conv: bool):
         """``(X, channel indices)`` when ``expr`` gathers or slices ``k`` channels of a
-        tensor ``X`` along its last axis, else None."""
+        tensor ``X`` (along its last axis, or axis 1 of an NCHW ``conv`` input), else
+        None."""
         v = self.resolve(expr)
         if not isinstance(v, tv.relax.Call):
             return None
         x = v.args[0]
         rank = len(tv.shape_of(x))
-        if v.op == _TAKE and tv.is_const(v.args[1]) and int(v.attrs.axis) % rank == rank - 1:
+        axis = 1 if conv else rank - 1
+        if v.op == _TAKE and tv.is_const(v.args[1]) and int(v.attrs.axis) % rank == axis:
             idx = tv.const_value(v.args[1]).astype(np.int64).reshape(-1)
             return (x, idx) if idx.size == k else None
         if v.op == _SLICE:
             axes, begin, end = (_ints(a) for a in v.args[1:4])
             strides = _ints(v.args[4]) if len(v.args) > 4 else [1]
-            if axes is None or [a % rank for a in axes] != [rank - 1] or not begin or not end or strides != [1]:
+            if axes is None or [a % rank for a in axes] != [axis] or not begin or not end or strides != [1]:
                 return None
             idx = np.arange(begin[0], end[0])
             return (x, idx) if idx.size == k else None
@@ -136,23 +139,29 @@ class _Fuse(tv.PyExprMutator):
 
     def _fused(self, terms, shape):
         parts, src = [], None
+        conv = None
         for call, factor in terms:
             op, args = soniq_call(call, self.chains.mod)
-            if op.kind != "matmul" or len(args) != 3 or not all(tv.is_const(a) for a in args[1:]):
+            if conv is None:
+                conv = op.kind == "conv2d"
+            if op.kind != ("conv2d" if conv else "matmul") or len(args) != 3 \
+                    or not all(tv.is_const(a) for a in args[1:]):
                 return None
-            found = self.chains.source(args[0], op.w_shape[0])
+            found = self.chains.source(args[0], op.w_shape[1] if conv else op.w_shape[0], conv)
             if found is None or (src is not None and not found[0].same_as(src)):
                 return None
             src = found[0]
             parts.append(((op, tv.const_value(args[1]), tv.const_value(args[2]), tv.const_value(factor)), found[1]))
         perm = np.concatenate([idx for _, idx in parts])
-        built = scale_group_matmul([p for p, _ in parts], columns=perm, x_shape=tv.shape_of(src))
+        fuse = scale_group_conv if conv else scale_group_matmul
+        built = fuse([p for p, _ in parts], columns=perm, x_shape=tv.shape_of(src))
         if built is None:
             return None
         func, consts = built
         x = self.visit_expr(src)
         layer = parts[0][0][0].layer
-        gv = self.builder_.add_func(func.without_attr("global_symbol"), f"soniq_matmul_{safe_name(layer)}_groups")
+        kind = "conv2d" if conv else "matmul"
+        gv = self.builder_.add_func(func.without_attr("global_symbol"), f"soniq_{kind}_{safe_name(layer)}_groups")
         return tv.call_tir(gv, [x] + [tv.const(c) for c in consts], shape, "float32")
 
     def visit_call_(self, call):

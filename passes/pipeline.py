@@ -45,9 +45,10 @@ class PipelineResult:
     layers: list = field(default_factory=list)  # whole-layer QOps after folding
     gathers_after_split: dict = field(default_factory=dict)
     gathers: dict = field(default_factory=dict)  # run-time gathers left, per layer
+    gathers_folded: int = 0  # of gathers_after_split, folded into producers (phase 5)
     declined: dict = field(default_factory=dict)  # layer -> why its quantized op stayed float
     probes: list = field(default_factory=list)  # QOp dicts of soniq_probe's kernel calls (phase 11)
-    fused: int = 0  # matmul layers whose scale groups run in one kernel (phase 10)
+    fused: int = 0  # conv/matmul layers whose scale groups run in one kernel (phase 10)
 
 
 def import_onnx(model, shapes: dict | None = None):
@@ -150,6 +151,9 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
         elif name == "split":
             result.gathers_after_split = count_gathers(mod)
         elif name == "permute":
+            result.gathers = count_gathers(mod)
+            result.gathers_folded = sum(result.gathers_after_split.values()) - sum(result.gathers.values())
+        elif name == "fuse_groups":  # a scale-group kernel gathers in its re-layout
             result.gathers = count_gathers(mod)
         result.mod = mod
         if name == stop_after:

@@ -206,12 +206,13 @@ def build_plan(result, tgt: dict, model=None) -> Plan:
         notes.append(f"{len(whole)} mixed-precision layer(s) run whole at their widest width, no faster split "
                      f"on this target (split='always' forces it): {', '.join(whole[:4])}"
                      + (", ..." if len(whole) > 4 else ""))
-    folded = sum(result.gathers_after_split.values()) - sum(result.gathers.values())
     if result.gathers_after_split:
-        notes.append(f"{folded} of {sum(result.gathers_after_split.values())} channel permutations folded "
-                     "into producers")
+        total = sum(result.gathers_after_split.values())
+        inside = total - result.gathers_folded - sum(result.gathers.values())
+        notes.append(f"{result.gathers_folded} of {total} channel permutations folded into producers"
+                     + (f", {inside} into scale-group kernels' re-layout" if inside else ""))
     if result.fused:
-        notes.append(f"{result.fused} matmul layer(s) run their activation scale groups in one kernel (a float "
+        notes.append(f"{result.fused} conv/matmul layer(s) run their activation scale groups in one kernel (a float "
                      "sum of the groups' exact int32 results, no int32 tensor per group)")
     acts = act_kernels(result.mod)
     if acts:

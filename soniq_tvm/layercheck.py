@@ -308,10 +308,11 @@ def _groups_check(layers: dict[str, FileLayer], entry, inputs: dict, totals: dic
     ops = [QOp.from_dict(d) for d in qd["groups"]]
     columns = np.asarray(qd["columns"], np.int64)
     tag = f"{ops[0].layer}[groups]"
+    conv = ops[0].kind == "conv2d"
     y, col = None, 0
     for op in ops:
-        k = op.w_shape[0]
-        xg = np.take(x, columns[col:col + k], axis=-1)
+        k = op.w_shape[1] if conv else op.w_shape[0]
+        xg = np.take(x, columns[col:col + k], axis=1 if conv else -1)
         col += k
         found = _expected(layers, op, xg, out.shape)
         if isinstance(found, LayerCheck):
@@ -319,7 +320,8 @@ def _groups_check(layers: dict[str, FileLayer], entry, inputs: dict, totals: dic
         layer, expect, iidx, oidx, _ = found
         _record(layer, op, xg, expect, iidx, oidx, inputs, totals)
         scale = (np.float32(layer.scale_key(iidx)[0]) * layer.w_scale.astype(np.float32)).astype(np.float32)
-        term = expect.astype(np.float32) * np.broadcast_to(scale, (layer.w.shape[1],))[oidx]
+        scale = np.broadcast_to(scale.reshape(-1), (_channels(layer, op)[1],))[oidx]
+        term = expect.astype(np.float32) * (scale.reshape(-1, 1, 1) if conv else scale)
         y = term if y is None else (y + term).astype(np.float32)
     ours = np.asarray(out, np.float32)
     diff = ours.view(np.int32) != y.view(np.int32)

@@ -68,10 +68,24 @@ def zero_tile(acc0, acc1, n0, n1, lanes):
         acc1[T.ramp(u * lanes, 1, lanes)] = _isa.zeros("int32", lanes)
 
 
-def build(op, g, mode, lay, knobs, dot, off, fill=None):
+def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     """``off``: the shift into the operand's range; ``fill``: the operand value of a
-    padding pixel, the shifted zero point (``off`` when the zero point is 0)."""
+    padding pixel, the shifted zero point (``off`` when the zero point is 0).
+
+    ``groups``: ``(ng, kg, max_cb)`` for a conv layer's activation scale groups in
+    one kernel (see :mod:`.groups`): the kernel then takes ``(x, cols, fillw, meta,
+    wp, corr, scale, out)``. ``xs`` holds the groups' words one after the other
+    (group ``q`` reads channels ``cols[meta[q, 0] ..]`` of ``x``, shifted by its own
+    offset, padded with its own fill; ``fillw``: the fill word of each ``xs`` word),
+    each output tile runs the groups' reductions one after the other and adds
+    ``float(acc - corr[q]) * scale[q]`` into a float row buffer (the float
+    operations of the separate kernels' combine, in order), and ``out`` is float32.
+    ``off`` and ``fill`` are unused then (each group has its own)."""
     fill = off if fill is None else fill
+    GROUPS = groups is not None
+    NG, KG, MAXCB = groups if GROUPS else (1, 1, 1)
+    FV = f"float32x{mode.vl}"
+    IV = f"int32x{mode.vl}"
     R, J = knobs["R"], knobs["J"]
     RA, RB = split_tile(R)
     VL, KV = mode.vl, mode.kv
@@ -127,7 +141,7 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None):
     # a group has at least 8 words per pixel (8 or 16: with 4-lane blocks TVM's
     # CompactBufferAllocation fails, "Divide by zero" in its region bound)
     XL = min(VL, 1 << (XW.bit_length() - 1))
-    TL = min(XL, 1 << (CB.bit_length() - 1))
+    TL = min(XL, 1 << ((MAXCB if GROUPS else CB).bit_length() - 1))
     TL = TL if TL >= 8 else 0
     relayout_transpose = _isa.transposer(TL) if TL else None
     UA = f"uint{ABITS}"
@@ -158,6 +172,75 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None):
             w = u if w is None else tirx.bitwise_or(w, u)
         return tirx.reinterpret(i32, w)
 
+    def gwords(x, cols, meta, gq, n, sy, sx, q, lanes):
+        """:func:`words` of scale group ``gq``'s word ``q`` (its channels gathered
+        through ``cols``, its own offset and fill)."""
+        w = None
+        i32 = "int32" if lanes == 1 else f"int32x{lanes}"
+        for i in range(KV):
+            c = q * KV + i
+            ch = cols[meta[gq, 0] + tirx.min(c, meta[gq, 1] - 1)]
+            v = _isa.strided_load(x, [n, ch, sy, sx], XD, lanes, SX)
+            e = tirx.Cast(AD if lanes == 1 else f"{AD}x{lanes}", tirx.Cast(i32, v) + meta[gq, 4])
+            pad = tirx.Cast(AD, meta[gq, 5])
+            e = tirx.Select(c < meta[gq, 1], e, pad if lanes == 1 else tirx.Broadcast(pad, lanes))
+            u = tirx.Cast("uint32" if lanes == 1 else f"uint32x{lanes}",
+                          tirx.reinterpret(UA if lanes == 1 else f"{UA}x{lanes}", e))
+            if i:
+                u = tirx.shift_left(u, tirx.const(i * ABITS, "uint32") if lanes == 1
+                                    else tirx.Broadcast(tirx.const(i * ABITS, "uint32"), lanes))
+            w = u if w is None else tirx.bitwise_or(w, u)
+        return tirx.reinterpret(i32, w)
+
+    @T.macro
+    def relayout_groups(xw, x, cols, fillw, meta, n, sy, row):
+        """One padded input row of the scale groups' words (``row``: its first word)."""
+        if sy < 0 or sy >= H:
+            for u in range(WP * CTW):
+                xw[row + u] = fillw[u % CTW]
+        else:
+            for u in range(PL * CTW):
+                xw[row + u] = fillw[u % CTW]
+            for u in range((WP - PL - XW) * CTW):
+                xw[row + (PL + XW) * CTW + u] = fillw[u % CTW]
+            for gq in range(NG):
+                w0: T.let = meta[gq, 2] // KV
+                cbg: T.let = meta[gq, 3]
+                if TL > 0 and cbg >= TL:
+                    for qb, xb in T.grid((cbg + TL - 1) // TL, (XW + TL - 1) // TL):
+                        q0: T.let = clamp_start(qb, TL, cbg)
+                        x0: T.let = clamp_start(xb, TL, XW)
+                        t0 = T.alloc_buffer((TL * TL // 2,), "int32")
+                        t1 = T.alloc_buffer((TL * TL // 2,), "int32")
+                        t2 = T.alloc_buffer((TL * TL // 2,), "int32")
+                        t3 = T.alloc_buffer((TL * TL // 2,), "int32")
+                        for k in T.unroll(TL // 2):
+                            t0[T.ramp(k * TL, 1, TL)] = gwords(x, cols, meta, gq, n, sy, x0 * SX, q0 + k, TL)
+                            t1[T.ramp(k * TL, 1, TL)] = gwords(x, cols, meta, gq, n, sy, x0 * SX, q0 + TL // 2 + k,
+                                                               TL)
+                        relayout_transpose(t0, t1, t2, t3)
+                        for k in T.unroll(TL // 2):
+                            xw[T.ramp(row + (PL + x0 + k) * CTW + w0 + q0, 1, TL)] = _isa.row(t0, k, TL)
+                            xw[T.ramp(row + (PL + x0 + TL // 2 + k) * CTW + w0 + q0, 1, TL)] = _isa.row(t1, k, TL)
+                elif XL > 1:
+                    for q, xb in T.grid(cbg, (XW + XL - 1) // XL):
+                        x0: T.let = clamp_start(xb, XL, XW)
+                        xw[T.ramp(row + (PL + x0) * CTW + w0 + q, CTW, XL)] = gwords(
+                            x, cols, meta, gq, n, sy, x0 * SX, q, XL)
+                else:
+                    for q, xx in T.grid(cbg, XW):
+                        xw[row + (PL + xx) * CTW + w0 + q] = gwords(x, cols, meta, gq, n, sy, xx * SX, q, 1)
+
+    @T.macro
+    def combine(dst, acc, corr, scale, gq, i0, rn, row0, obt):
+        """``dst`` rows (float bits) ``(+)= float(acc - corr[gq]) * scale[gq]``."""
+        for i in T.unroll(rn):
+            for j in T.unroll(J):
+                term: T.let = _isa.fenced(T.Cast(FV, _isa.row(acc, i * J + j, VL) - corr[
+                    gq, T.ramp((obt * J + j) * VL, 1, VL)]) * scale[gq, T.ramp((obt * J + j) * VL, 1, VL)], FV)
+                dst[row0 + i0 + i, T.ramp(j * VL, 1, VL)] = T.reinterpret(IV, T.Select(
+                    gq == 0, term, T.reinterpret(FV, dst[row0 + i0 + i, T.ramp(j * VL, 1, VL)]) + term))
+
     @T.macro
     def steps(acc, LN, xs, wp, i0, rn, n, oy, ox0, gi, obt, r, s, cb, dot_mode):
         for i in T.unroll(rn):
@@ -178,10 +261,8 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None):
                 dst[row0 + i0 + i, T.ramp(col0 + j * VL, 1, VL)] = (
                     _isa.row(acc, i * J + j, VL) - corr[gi, T.ramp((obt * J + j) * VL, 1, VL)])
 
-    @T.prim_func
-    def main(x: T.Buffer(x_shape, XD), wp: T.Buffer(wp_shape, WD), corr: T.Buffer((G, OGP), "int32"),
-             out: T.Buffer(out_shape, "int32")):
-        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+    @T.macro
+    def body(x, wp, corr, out, cols, fillw, meta, scale):
         # ---- activations: pad, shift by `off`, channels last ----------------------
         if RELAYOUT:
             xs = T.alloc_buffer((N, HP, WP, CT), AD)
@@ -201,7 +282,9 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None):
                     n: T.let = p // HP
                     sy: T.let = (p % HP - PT) * SY
                     row: T.let = p * WP * CTW
-                    if sy < 0 or sy >= H:
+                    if GROUPS:
+                        relayout_groups(xw, x, cols, fillw, meta, n, sy, row)
+                    elif sy < 0 or sy >= H:
                         for u in range(WP * CTW):
                             xw[row + u] = OFFW
                     else:
@@ -249,47 +332,69 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None):
                 gi: T.let = (q // (OBT * OH)) % G if PAR_OX else (q // OBT) % G
                 n: T.let = q // (OBT * OH * G) if PAR_OX else q // (OBT * G)
                 ox0: T.let = T.min(oxt * R, OW - R)
-                acc0 = T.alloc_buffer((RA * J * VL,), "int32")
-                acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
-                zero_tile(acc0, acc1, RA * J, RB * J, VL)
-                for r, s, ch in T.grid(KH, KW, NCH):
-                    if SUM16:
-                        a16 = T.alloc_buffer((RA * J * 16,), "int16")
-                        b16 = T.alloc_buffer((max(RB, 1) * J * 16,), "int16")
-                        for u in T.unroll(RA * J):
-                            a16[T.ramp(u * 16, 1, 16)] = _isa.zeros("int16", 16)
-                        for u in T.unroll(RB * J):
-                            b16[T.ramp(u * 16, 1, 16)] = _isa.zeros("int16", 16)
-                        for cc in range(TC):
-                            steps(a16, 16, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
-                            steps(b16, 16, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
-                        widen(acc0, a16, RA)
-                        widen(acc1, b16, RB)
-                    else:
-                        for cc in range(TC):
-                            steps(acc0, VL, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
-                            steps(acc1, VL, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
-                # ---- epilogue: subtract the offset correction, write back ---------------
-                if ROWBUF:
-                    finish(rowbuf, acc0, corr, 0, RA, yy * OW + ox0, 0, gi, obt)
-                    finish(rowbuf, acc1, corr, RA, RB, yy * OW + ox0, 0, gi, obt)
-                elif VEC_OUT:
-                    om = T.decl_buffer((M, O), "int32", data=out.data)
-                    finish(om, acc0, corr, 0, RA, ox0, obt * J * VL, gi, obt)
-                    finish(om, acc1, corr, RA, RB, ox0, obt * J * VL, gi, obt)
-                else:
-                    tmp = T.decl_buffer((R, J * VL), "int32", data=rowbuf.data)
-                    finish(tmp, acc0, corr, 0, RA, 0, 0, gi, obt)
-                    finish(tmp, acc1, corr, RA, RB, 0, 0, gi, obt)
-                    if g.matmul:
-                        om2 = T.decl_buffer((M, O), "int32", data=out.data)
-                        for i, lane in T.grid(R, J * VL):
-                            if obt * J * VL + lane < OG:
-                                om2[ox0 + i, obt * J * VL + lane] = tmp[i, lane]
-                    else:
+                if GROUPS:  # the groups one after the other, summed in float
+                    tile = T.decl_buffer((R, J * VL), "int32", data=rowbuf.data)
+                    for gq in range(NG):
+                        gacc0 = T.alloc_buffer((RA * J * VL,), "int32")
+                        gacc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
+                        zero_tile(gacc0, gacc1, RA * J, RB * J, VL)
+                        w0: T.let = meta[gq, 2] // KV
+                        for r, s, cb in T.grid(KH, KW, meta[gq, 3]):
+                            steps(gacc0, VL, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, w0 + cb, mode)
+                            steps(gacc1, VL, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, w0 + cb, mode)
+                        if ROWBUF:
+                            combine(rowbuf, gacc0, corr, scale, gq, 0, RA, yy * OW + ox0, obt)
+                            combine(rowbuf, gacc1, corr, scale, gq, RA, RB, yy * OW + ox0, obt)
+                        else:
+                            combine(tile, gacc0, corr, scale, gq, 0, RA, 0, obt)
+                            combine(tile, gacc1, corr, scale, gq, RA, RB, 0, obt)
+                    if not ROWBUF:
+                        o4 = T.decl_buffer(out_shape, "int32", data=out.data)
                         for lane, i in T.grid(J * VL, R):
                             if obt * J * VL + lane < OG:
-                                out[n, gi * OG + obt * J * VL + lane, oy, ox0 + i] = tmp[i, lane]
+                                o4[n, obt * J * VL + lane, oy, ox0 + i] = tile[i, lane]
+                else:
+                    acc0 = T.alloc_buffer((RA * J * VL,), "int32")
+                    acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
+                    zero_tile(acc0, acc1, RA * J, RB * J, VL)
+                    for r, s, ch in T.grid(KH, KW, NCH):
+                        if SUM16:
+                            a16 = T.alloc_buffer((RA * J * 16,), "int16")
+                            b16 = T.alloc_buffer((max(RB, 1) * J * 16,), "int16")
+                            for u in T.unroll(RA * J):
+                                a16[T.ramp(u * 16, 1, 16)] = _isa.zeros("int16", 16)
+                            for u in T.unroll(RB * J):
+                                b16[T.ramp(u * 16, 1, 16)] = _isa.zeros("int16", 16)
+                            for cc in range(TC):
+                                steps(a16, 16, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
+                                steps(b16, 16, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
+                            widen(acc0, a16, RA)
+                            widen(acc1, b16, RB)
+                        else:
+                            for cc in range(TC):
+                                steps(acc0, VL, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
+                                steps(acc1, VL, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, ch * TC + cc, mode)
+                    # ---- epilogue: subtract the offset correction, write back ---------------
+                    if ROWBUF:
+                        finish(rowbuf, acc0, corr, 0, RA, yy * OW + ox0, 0, gi, obt)
+                        finish(rowbuf, acc1, corr, RA, RB, yy * OW + ox0, 0, gi, obt)
+                    elif VEC_OUT:
+                        om = T.decl_buffer((M, O), "int32", data=out.data)
+                        finish(om, acc0, corr, 0, RA, ox0, obt * J * VL, gi, obt)
+                        finish(om, acc1, corr, RA, RB, ox0, obt * J * VL, gi, obt)
+                    else:
+                        tmp = T.decl_buffer((R, J * VL), "int32", data=rowbuf.data)
+                        finish(tmp, acc0, corr, 0, RA, 0, 0, gi, obt)
+                        finish(tmp, acc1, corr, RA, RB, 0, 0, gi, obt)
+                        if g.matmul:
+                            om2 = T.decl_buffer((M, O), "int32", data=out.data)
+                            for i, lane in T.grid(R, J * VL):
+                                if obt * J * VL + lane < OG:
+                                    om2[ox0 + i, obt * J * VL + lane] = tmp[i, lane]
+                        else:
+                            for lane, i in T.grid(J * VL, R):
+                                if obt * J * VL + lane < OG:
+                                    out[n, gi * OG + obt * J * VL + lane, oy, ox0 + i] = tmp[i, lane]
             # ---- the finished output row, channels-last -> NCHW: VL x VL transposes ----
             if ROWBUF:
                 outp = T.decl_buffer((N, O, OH * OW), "int32", data=out.data)
@@ -318,5 +423,19 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None):
                     for lane, xx in T.grid(J * VL, SPAN):
                         if bo * J * VL + lane < OG:
                             outp[bn, bg * OG + bo * J * VL + lane, p0 + xx] = rowbuf[xx, lane]
+
+    if GROUPS:
+        @T.prim_func
+        def main(x: T.Buffer(x_shape, XD), cols: T.Buffer((KG,), "int32"), fillw: T.Buffer((CTW,), "int32"),
+                 meta: T.Buffer((NG, 6), "int32"), wp: T.Buffer(wp_shape, WD), corr: T.Buffer((NG, OGP), "int32"),
+                 scale: T.Buffer((NG, OGP), "float32"), out: T.Buffer(out_shape, "float32")):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            body(x, wp, corr, out, cols, fillw, meta, scale)
+    else:
+        @T.prim_func
+        def main(x: T.Buffer(x_shape, XD), wp: T.Buffer(wp_shape, WD), corr: T.Buffer((G, OGP), "int32"),
+                 out: T.Buffer(out_shape, "int32")):
+            T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+            body(x, wp, corr, out, None, None, None, None)
 
     return main

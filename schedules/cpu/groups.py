@@ -26,9 +26,9 @@ import numpy as np
 from soniq_tvm.qop import QOp
 
 from . import _isa
-from .int8dot import MODES, Int8DotFamily, _dot, act_offset, pad_fill
+from .int8dot import MODES, Geometry, Int8DotFamily, _dot, act_offset, pad_fill
 
-__all__ = ["scale_group_matmul", "GROUPS_ATTR"]
+__all__ = ["scale_group_matmul", "scale_group_conv", "GROUPS_ATTR"]
 
 GROUPS_ATTR = "soniq.scale_groups"  # the fused kernel's group QOps (JSON list)
 SHUFFLE_MAX = 512  # widest input row gathered by one constant shuffle
@@ -39,22 +39,19 @@ def _mode(family, op: QOp):
     return MODES["avx2-madd"] if m.name == "avx2-sum16" else m
 
 
-def scale_group_matmul(parts, columns=None, x_shape=None):
-    """``parts``: per scale group, in combine order, ``(QOp, wp, corr, scale)`` with the
-    group's int8-dot kernel QOp (family and knobs set by the pack phase), its packed
-    weights and correction as passed to that kernel, and its per-output float32
-    factor ``s_g * sw``. ``columns``: the input channels the groups read, one after
-    the other, in a tensor of ``x_shape`` (default: the groups' channels side by side,
-    ``x`` holding nothing else). Returns ``(PrimFunc, [columns, meta, wp, corr,
-    scale])`` (the constants to pass after the input), or None when the groups
-    cannot share a kernel."""
+def _shared(parts):
+    """What the groups' kernels share, or None when they cannot share one kernel:
+    ``(family, mode, knobs, wps, corrs, scales, meta, modes)`` with each group's
+    packed weights, correction and per-output factor padded to the packed outputs,
+    and ``meta`` rows (first entry in ``columns``, channels, first ``xs`` column,
+    words, offset, fill)."""
     from soniq_tvm.schedules import registry
 
     if len(parts) < 2:
         return None
     ops = [p[0] for p in parts]
     names = {op.family for op in ops}
-    if len(names) != 1 or ops[0].kind != "matmul":
+    if len(names) != 1 or len({op.kind for op in ops}) != 1:
         return None
     family = registry.get(next(iter(names)))
     if not isinstance(family, Int8DotFamily):  # the pack phase chose it for the target
@@ -62,43 +59,70 @@ def scale_group_matmul(parts, columns=None, x_shape=None):
     modes = [_mode(family, op) for op in ops]
     if len({(m.vl, m.kv, m.a_dtype, m.w_dtype) for m in modes}) != 1 or modes[0].name == "avx2-wide":
         return None
-    mode = modes[0]
-    lead = {tuple(op.x_shape[:-1]) for op in ops}
-    outs = {op.w_shape[1] for op in ops}
     knobs = [family.knobs(op) for op in ops]
-    if len(lead) != 1 or len(outs) != 1 or len({(k["R"], k["J"]) for k in knobs}) != 1:
+    if len({(k["R"], k["J"]) for k in knobs}) != 1 or len({op.a_dtype for op in ops}) != 1:
         return None
-    if len({op.a_dtype for op in ops}) != 1:
+    n = {op.w_shape[1] if op.kind == "matmul" else op.w_shape[0] for op in ops}
+    if len(n) != 1:
         return None
-    n = outs.pop()
+    n = n.pop()
     if len({tuple(op.out_index) for op in ops}) != 1 or (ops[0].out_index and len(ops[0].out_index) != n):
         return None  # every group produces every output channel, in one order
-    m = int(np.prod(ops[0].x_shape[:-1])) if len(ops[0].x_shape) > 1 else 1
     wps, corrs, scales, meta = [], [], [], []
     x0 = s0 = 0
     for (op, wp, corr, scale), md in zip(parts, modes):
         wp = np.asarray(wp)
-        if wp.ndim != 7 or wp.shape[0] != 1 or wp.shape[2:4] != (1, 1):
+        if wp.ndim != 7 or wp.shape[0] != 1:
             return None
-        cb = wp.shape[4]
-        wps.append(wp.reshape(wp.shape[1], cb, wp.shape[5], wp.shape[6]))
+        wps.append(wp)
         corrs.append(np.asarray(corr, np.int32).reshape(-1))
-        ogp = corrs[-1].size
-        sc = np.zeros(ogp, np.float32)
+        sc = np.zeros(corrs[-1].size, np.float32)
         sc[:n] = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (n,))
         scales.append(sc)
-        k = op.w_shape[0]
+        k = op.w_shape[0] if op.kind == "matmul" else op.w_shape[1]
+        cb = wp.shape[4]
         meta.append([x0, k, s0, cb, act_offset(op, md), pad_fill(op, md)])
         x0, s0 = x0 + k, s0 + cb * md.kv
-    if len({w.shape[0] for w in wps}) != 1 or len({c.size for c in corrs}) != 1:
+    if len({w.shape[1:4] + w.shape[5:] for w in wps}) != 1 or len({c.size for c in corrs}) != 1:
         return None
+    return family, modes[0], knobs[0], wps, corrs, scales, meta, modes
+
+
+def _columns(columns, x0: int, width: int):
+    """The channels the groups read (default: all of a tensor of ``x0``), or None."""
+    columns = np.arange(x0) if columns is None else np.asarray(columns, np.int64).reshape(-1)
+    if columns.size != x0 or columns.min() < 0 or columns.max() >= width:
+        return None
+    return columns
+
+
+def scale_group_matmul(parts, columns=None, x_shape=None):
+    """``parts``: per scale group, in combine order, ``(QOp, wp, corr, scale)`` with the
+    group's int8-dot kernel QOp (family and knobs set by the pack phase), its packed
+    weights and correction as passed to that kernel, and its per-output float32
+    factor ``s_g * sw``. ``columns``: the input channels the groups read, one after
+    the other, in a tensor of ``x_shape`` (default: the groups' channels side by side,
+    ``x`` holding nothing else). Returns ``(PrimFunc, [columns, info, meta, wp,
+    corr, scale])`` (the constants to pass after the input), or None when the
+    groups cannot share a kernel."""
+    shared = _shared(parts)
+    if shared is None or parts[0][0].kind != "matmul":
+        return None
+    family, mode, knobs, wps, corrs, scales, meta, modes = shared
+    ops = [p[0] for p in parts]
+    if len({tuple(op.x_shape[:-1]) for op in ops}) != 1 or any(w.shape[2:4] != (1, 1) for w in wps):
+        return None
+    n = ops[0].w_shape[1]
+    m = int(np.prod(ops[0].x_shape[:-1])) if len(ops[0].x_shape) > 1 else 1
+    wps = [w.reshape(w.shape[1], w.shape[4], w.shape[5], w.shape[6]) for w in wps]
+    x0 = meta[-1][0] + meta[-1][1]
+    s0 = meta[-1][2] + meta[-1][3] * mode.kv
     wp_all = np.ascontiguousarray(np.concatenate(wps, axis=1))
     from ._groups_tir import build
 
     x_shape = tuple(x_shape) if x_shape is not None else tuple(ops[0].x_shape[:-1]) + (x0,)
-    columns = np.arange(x0) if columns is None else np.asarray(columns, np.int64).reshape(-1)
-    if columns.size != x0 or x_shape[:-1] != tuple(ops[0].x_shape[:-1]) or columns.min() < 0 \
-            or columns.max() >= x_shape[-1]:
+    columns = _columns(columns, x0, x_shape[-1])
+    if columns is None or x_shape[:-1] != tuple(ops[0].x_shape[:-1]):
         return None
     gather = not np.array_equal(columns, np.arange(x_shape[-1]))
     # each xs column: the x channel it reads (padding: 0), the value added (the group's
@@ -115,10 +139,49 @@ def scale_group_matmul(parts, columns=None, x_shape=None):
     whole = ops[0].with_(x_shape=x_shape[:-1] + (x0,), w_shape=(x0, n))  # the layer, for sizes
     # an element-wise gather costs about 4 byte copies per byte: it goes parallel sooner
     relayout = _isa.parallel_pass(whole, m * s0 * (1 if shuffle or not gather else 4))
-    func = build(mode, len(parts), m, x_shape[-1], x0, n, wp_all.shape[1], wp_all.shape[0], knobs[0], x_shape,
+    func = build(mode, len(parts), m, x_shape[-1], x0, n, wp_all.shape[1], wp_all.shape[0], knobs, x_shape,
                  ops[0].a_dtype, _dot, _isa.parallel_loop(whole), relayout, gather,
                  [int(v) for v in lanes] if shuffle else None)
     func = func.with_attr(GROUPS_ATTR, json.dumps([op.to_dict() for op in ops])).with_attr("tirx.is_scheduled", True)
     consts = [columns.astype(np.int32), (info & 255).astype(np.uint8).view(mode.a_dtype),
               np.asarray(meta, np.int32), wp_all, np.stack(corrs).astype(np.int32), np.stack(scales)]
+    return func, consts
+
+
+def scale_group_conv(parts, columns=None, x_shape=None):
+    """:func:`scale_group_matmul` for a conv2d layer (``parts`` as there; ``columns``
+    index the channels, axis 1, of an NCHW input of ``x_shape``): the int8-dot conv
+    kernel with the groups' words side by side in its re-layout and their float
+    terms summed in its row buffer. Returns ``(PrimFunc, [columns, fillw, meta, wp,
+    corr, scale])`` or None."""
+    shared = _shared(parts)
+    if shared is None or parts[0][0].kind != "conv2d":
+        return None
+    family, mode, knobs, wps, corrs, scales, meta, _ = shared
+    ops = [p[0] for p in parts]
+    geo = {(op.x_shape[0],) + tuple(op.x_shape[2:]) + tuple(op.out_shape) + tuple(op.w_shape[2:])
+           + (tuple(op.strides), tuple(op.padding), tuple(op.dilation), op.groups) for op in ops}
+    if len(geo) != 1 or ops[0].groups != 1:
+        return None
+    x0 = meta[-1][0] + meta[-1][1]
+    s0 = meta[-1][2] + meta[-1][3] * mode.kv
+    n_, _, h, w = ops[0].x_shape
+    x_shape = tuple(x_shape) if x_shape is not None else (n_, x0, h, w)
+    columns = _columns(columns, x0, x_shape[1])
+    if columns is None or x_shape != (n_, x_shape[1], h, w):
+        return None
+    o, _, kh, kw = ops[0].w_shape
+    whole = ops[0].with_(x_shape=x_shape, w_shape=(o, x0, kh, kw))  # the layer, for sizes
+    lay = dict(family.layout(ops[0]), cb=s0 // mode.kv, cgp=s0, tc=s0 // mode.kv)
+    fillw = np.zeros(s0 // mode.kv, np.int64)
+    for _, _, c0, cb, _, fill in meta:
+        fillw[c0 // mode.kv:c0 // mode.kv + cb] = _isa.replicate_word(fill, 32 // mode.kv)
+    from ._int8dot_tir import build
+
+    func = build(whole, Geometry.of(whole), mode, lay, knobs, _dot, 0, 0,
+                 groups=(len(parts), x0, max(m[3] for m in meta)))
+    func = func.with_attr(GROUPS_ATTR, json.dumps([op.to_dict() for op in ops])).with_attr("tirx.is_scheduled", True)
+    consts = [columns.astype(np.int32), fillw.astype(np.int32), np.asarray(meta, np.int32),
+              np.ascontiguousarray(np.concatenate(wps, axis=4)), np.stack(corrs).astype(np.int32),
+              np.stack(scales)]
     return func, consts

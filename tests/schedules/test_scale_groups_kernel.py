@@ -1,7 +1,7 @@
-"""The scale-group matmul kernel (``schedules/cpu/groups.py``) and its pass (phase 10).
+"""The scale-group kernels (``schedules/cpu/groups.py``) and their pass (phase 10).
 
-A matmul whose input channels carry several steps runs one int8-dot reduction per
-group and sums ``float(acc_g) * (s_g * sw)`` in group order. Checked bit for bit
+A matmul or conv whose input channels carry several steps runs one int8-dot reduction
+per group and sums ``float(acc_g) * (s_g * sw)`` in group order. Checked bit for bit
 against numpy doing the same float operations (two roundings per term), with the
 groups' channels gathered from anywhere in the input (one constant byte shuffle per
 row up to 512 channels, element-wise beyond), zero points, output tails and leading
@@ -18,7 +18,7 @@ tvm = pytest.importorskip("tvm")
 from soniq_tvm import tvm_shim as tv  # noqa: E402
 from soniq_tvm.qop import QOp, reference  # noqa: E402
 from soniq_tvm.schedules import registry  # noqa: E402
-from soniq_tvm.schedules.cpu.groups import SHUFFLE_MAX, scale_group_matmul  # noqa: E402
+from soniq_tvm.schedules.cpu.groups import SHUFFLE_MAX, scale_group_conv, scale_group_matmul  # noqa: E402
 
 from test_cpu_families import HOST, HOST_T, needs_avx2, needs_vnni  # noqa: E402
 
@@ -124,6 +124,99 @@ def test_not_applicable_says_none():
     assert scale_group_matmul(parts, columns=np.arange(3), x_shape=x.shape) is None
 
 
+# ---- conv layers: the int8-dot conv kernel with the groups' words side by side --------------
+def conv_case(family_name, target, chans=(5, 9), bits=((8, 8), (2, 2)), o=20, hw=(9, 11), k=3, stride=1, pad=1,
+              zeros=(0, 1), src=None, signed=False, seed=0):
+    """``(parts, x, columns, numpy result)`` of an NCHW conv whose group ``g`` reads
+    ``chans[g]`` channels (of ``src`` in all, in a random order); each group's codes
+    reach both ends of its range."""
+    rng = np.random.default_rng(seed)
+    fam = registry.get(family_name)
+    dt = "int8" if signed else "uint8"
+    columns = rng.permutation(src or sum(chans))[:sum(chans)]
+    x = rng.integers(0, 100, (1, src or sum(chans)) + hw)
+    oh, ow = ((d + 2 * pad - k) // stride + 1 for d in hw)
+    parts, total, col = [], None, 0
+    for g, (kg, (wb, ab), z) in enumerate(zip(chans, bits, zeros)):
+        cols = columns[col:col + kg]
+        lo, hi = (-(1 << (ab - 1)), (1 << (ab - 1)) - 1) if signed else (0, (1 << ab) - 1)
+        x[:, cols] = rng.integers(lo, hi + 1, (1, kg) + hw)
+        x[0, cols[0], 0, 0], x[0, cols[-1], -1, -1] = lo, hi
+        op = QOp("conv2d", "L", (1, kg) + hw, (o, kg, k, k), (wb,) * kg, (ab,) * kg, a_zero=z, group=g,
+                 a_signed=signed, a_dtype=dt, strides=(stride, stride), padding=(pad,) * 4)
+        op = registry.with_target_knobs(fam, op, target).with_(family=fam.name)
+        op = op.with_(knobs=fam.knobs(op))
+        assert op.out_shape == (1, o, oh, ow)
+        w = rng.integers(-(1 << (wb - 1)), 1 << (wb - 1), (o, kg, k, k))
+        w[0, 0, 0, 0], w[-1, -1, -1, -1] = -(1 << (wb - 1)), (1 << (wb - 1)) - 1
+        packed = fam.pack(w, op)
+        factor = (rng.random(o) * 10.0 ** (3 * g - 2)).astype(np.float32).reshape(1, o, 1, 1)
+        parts.append((op, packed[0], packed[1], factor))
+        term = reference(x[:, cols].astype(dt), w, op).astype(np.float32) * factor
+        total = term if total is None else total + term
+        col += kg
+    return parts, x.astype(dt), columns, total
+
+
+def run_conv(parts, x, columns, target):
+    built = scale_group_conv(parts, columns=columns, x_shape=x.shape)
+    assert built is not None
+    func, consts = built
+    lib = tvm.compile(func, target=target)
+    out = tvm.runtime.empty(parts[0][0].out_shape, "float32")
+    lib["main"](tv.tensor(x), *[tv.tensor(c) for c in consts], out)
+    return out.numpy()
+
+
+CONV_CASES = [  # (id, kwargs)
+    ("3x3-zero-points", dict()),
+    ("resnet-like", dict(chans=(16, 48), o=64, hw=(14, 14), zeros=(0, 0))),
+    ("stem-1-and-2-channels", dict(chans=(1, 2), o=64, hw=(30, 30), k=7, stride=2, pad=3, signed=True,
+                                   zeros=(0, 0))),
+    ("strided-1x1-from-wider", dict(chans=(16, 48), o=40, hw=(14, 14), k=1, stride=2, pad=0, src=70)),
+    ("three-groups-narrow", dict(chans=(40, 3, 30), bits=((8, 8), (4, 4), (2, 2)), zeros=(0, 3, 1), hw=(5, 3),
+                                 o=40)),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("name,kw", CONV_CASES, ids=[c[0] for c in CONV_CASES])
+def test_conv_vnni_bit_for_bit(name, kw):
+    parts, x, columns, expect = conv_case("x86-avx512-vnni", HOST_T, **kw)
+    assert_bits(run_conv(parts, x, columns, HOST_T), expect)
+
+
+@needs_avx2
+def test_conv_avx2_bit_for_bit():
+    parts, x, columns, expect = conv_case("x86-avx2-dot", HASWELL, chans=(16, 48), o=64, hw=(14, 14),
+                                          bits=((4, 4), (2, 2)))
+    assert_bits(run_conv(parts, x, columns, HASWELL), expect)
+
+
+@needs_vnni
+def test_conv_comparison_fails_on_a_wrong_gather():
+    """Two channels of different groups swapped in the kernel's gather table: the
+    same weights, steps and codes, and the bits no longer match."""
+    parts, x, columns, expect = conv_case("x86-avx512-vnni", HOST_T, chans=(8, 8), o=16, hw=(6, 6))
+    wrong = columns.copy()
+    wrong[[0, 8]] = wrong[[8, 0]]
+    got = run_conv(parts, x, wrong, HOST_T)
+    assert (got.view(np.int32) != expect.view(np.int32)).sum() > got.size // 4
+
+
+def test_conv_not_applicable_says_none():
+    parts, x, columns, _ = conv_case("x86-avx512-vnni", None)
+    assert scale_group_conv(parts[:1]) is None  # one group
+    other = [(parts[0][0].with_(knobs={"R": 2, "J": 1}),) + parts[0][1:], parts[1]]
+    assert scale_group_conv(other) is None  # tiles differ
+    one_by_one = conv_case("x86-avx512-vnni", None, k=1, pad=0)[0]
+    assert one_by_one[0][0].out_shape == parts[0][0].out_shape
+    assert scale_group_conv([parts[0], one_by_one[1]]) is None  # kernel sizes differ
+    assert scale_group_conv(parts, columns=np.arange(3), x_shape=x.shape) is None
+    mm = groups_case("x86-avx512-vnni", None)[0]
+    assert scale_group_conv(mm) is None and scale_group_matmul(parts) is None
+
+
 # ---- through the compiler --------------------------------------------------------------------
 @pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vnni"} <= HOST and "avx2" not in HOST,
                     reason="no int8-dot family on this host")
@@ -158,3 +251,23 @@ def test_transformer_scale_groups_in_one_kernel_verified():
         pipeline.FuseScaleGroups = saved
     assert not any("scale groups in one kernel" in n for n in apart.plan.notes)
     np.testing.assert_allclose(m.run(inputs)[0], apart.run(inputs)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vnni"} <= HOST, reason="no VNNI on this host")
+def test_cnn_scale_groups_in_one_kernel_verified():
+    """Every conv of the example CNN (stem with 1 + 2 channels, 3x3, residual block, a
+    conv whose output channels differ in width) and its head run their activation
+    scale groups in one kernel; verify checks each bit for bit and passes."""
+    import soniq_tvm
+    from soniq_tvm import models
+    from soniq_tvm.verify import verify
+
+    proto = models.example_cnn()
+    m = soniq_tvm.compile(proto, target="llvm")
+    note = [n for n in m.plan.notes if "scale groups in one kernel" in n]
+    assert note and int(note[0].split()[0]) == 6
+    assert m.plan.gathers == 0 and any("into scale-group kernels' re-layout" in n for n in m.plan.notes)
+    report = verify(proto, m, inputs=models.example_inputs(proto))
+    checks = [c for c in report.layers if c.layer.endswith("[groups]")]
+    assert len(checks) == 6 and all(c.ok and c.differing == 0 for c in checks), [str(c) for c in checks]
+    assert report.ok
