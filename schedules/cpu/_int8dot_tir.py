@@ -68,6 +68,15 @@ def zero_tile(acc0, acc1, n0, n1, lanes):
         acc1[T.ramp(u * lanes, 1, lanes)] = _isa.zeros("int32", lanes)
 
 
+def pick(i, values):
+    """``values[i]`` for a loop variable ``i`` of an unrolled loop (a Select chain the
+    simplifier folds to the constant once ``i`` is)."""
+    e = tirx.const(values[-1], "int32")
+    for k in range(len(values) - 2, -1, -1):
+        e = tirx.Select(i == k, tirx.const(values[k], "int32"), e)
+    return e
+
+
 def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     """``off``: the shift into the operand's range; ``fill``: the operand value of a
     padding pixel, the shifted zero point (``off`` when the zero point is 0).
@@ -80,10 +89,19 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     each output tile runs the groups' reductions one after the other and adds
     ``float(acc - corr[q]) * scale[q]`` into a float row buffer (the float
     operations of the separate kernels' combine, in order), and ``out`` is float32.
-    ``off`` and ``fill`` are unused then (each group has its own)."""
+    ``off`` and ``fill`` are unused then (each group has its own).
+    ``groups = (ng, kg, [(first word, words) per group], taps)``; with ``taps`` a word
+    holds ``kv`` horizontal taps of one channel instead of ``kv`` channels of one
+    pixel (convs with few channels, the 3-channel stem: its 7 taps fill 2 words where
+    channels-last needs 7 words of 1-3 channels): ``xs[n, hp, word, ox]`` is built
+    per output column (the stride and the taps' offsets applied), the weights are
+    packed ``[.., KH, 1, words, ..]`` and the micro-kernel runs ``KH x 1`` at stride
+    ``(SH, 1)``."""
     fill = off if fill is None else fill
     GROUPS = groups is not None
-    NG, KG, MAXCB = groups if GROUPS else (1, 1, 1)
+    NG, KG, GWORDS, TAPS = groups if GROUPS else (1, 1, [(0, 1)], False)
+    GW0, GCB = [w for w, _ in GWORDS], [c for _, c in GWORDS]
+    MAXCB = max(GCB)
     FV = f"float32x{mode.vl}"
     IV = f"int32x{mode.vl}"
     R, J = knobs["R"], knobs["J"]
@@ -135,7 +153,7 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     par_relayout = _isa.parallel_pass(op, (M * CT if g.matmul else N * HP * WP * CT) * np.dtype(AD).itemsize)
     x_shape = tuple(op.x_shape)
     out_shape = tuple(op.out_shape)
-    wp_shape = (G, OB // J, KH, KW, CB, J, VL * KV)  # a tile's J weight vectors are adjacent
+    wp_shape = (G, OB // J, KH, 1 if TAPS else KW, CB, J, VL * KV)  # a tile's J weight vectors are adjacent
     transpose = _isa.transposer(VL)
     # re-layout vectors: XL pixels of one word each; TL x TL blocks transposed when
     # a group has at least 8 words per pixel (8 or 16: with 4-lane blocks TVM's
@@ -231,6 +249,59 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
                     for q, xx in T.grid(cbg, XW):
                         xw[row + (PL + xx) * CTW + w0 + q] = gwords(x, cols, meta, gq, n, sy, xx * SX, q, 1)
 
+    TW = -(-KW // KV)  # tap words per channel (taps mode)
+    XT = min(VL, 1 << (OW.bit_length() - 1))  # output columns per word vector (taps mode)
+    XROW = (OW - 1) * SW + (TW * KV - 1) * DW + 1  # padded input row the taps read
+    XIN = max(0, min(W, XROW - PL))  # the input columns in it
+    XV = 32  # bytes per vector of the row copy
+
+    def tap_word(xr, x0, t):
+        """Words of ``XT`` output columns from ``x0``: byte ``i`` of column ``p`` is tap
+        ``t * KV + i``, ``xr[(x0 + p) * SW + (t * KV + i) * DW]``: one load of the span
+        and one constant byte shuffle (``vpermb`` where the CPU has AVX512-VBMI)."""
+        span = (XT - 1) * SW + (KV - 1) * DW + 1
+        v = xr.vload([x0 * SW + t * KV * DW], f"{AD}x{span}")
+        lanes = [p * SW + i * DW for p in range(XT) for i in range(KV)]
+        copies = -(-len(lanes) // span)  # a shuffle gives at most as many lanes as its sources hold
+        return tirx.reinterpret(f"int32x{XT}", tirx.Shuffle([v] * copies, lanes))
+
+    @T.macro
+    def relayout_taps(xt, x, cols, meta, n, sy, row):
+        """Row ``sy`` (padded row ``sy + PT``) of ``xs[n, hp, word, ox]`` in taps mode:
+        per group and channel, the padded input row shifted by the group's offset,
+        then per tap word ``XT`` output columns at a time, each byte a strided load."""
+        for gq in range(NG):
+            w0: T.let = meta[gq, 2] // KV
+            fw: T.let = T.bitwise_and(meta[gq, 5], 255) * 0x01010101
+            for c in range(meta[gq, 1]):
+                if sy < 0 or sy >= H:
+                    for u in range(TW * OW):
+                        xt[row + (w0 + c * TW) * OW + u] = fw
+                else:
+                    ch: T.let = cols[meta[gq, 0] + c]
+                    xr = T.alloc_buffer((XROW,), AD)
+                    for u in range(PL):
+                        xr[u] = T.Cast(AD, meta[gq, 5])
+                    for u in range(XROW - PL - XIN):
+                        xr[PL + XIN + u] = T.Cast(AD, meta[gq, 5])
+                    for u in range(XIN // XV):  # (x + off) mod 2^8: the byte add wraps alike
+                        xr[T.ramp(PL + u * XV, 1, XV)] = T.reinterpret(f"{AD}x{XV}", x.vload(
+                            [n, ch, sy, u * XV], f"{XD}x{XV}")) + T.Broadcast(T.Cast(AD, meta[gq, 4]), XV)
+                    for u in range(XIN % XV):
+                        xr[XIN // XV * XV + u + PL] = T.Cast(AD, T.Cast("int32", x[n, ch, sy, XIN // XV * XV + u])
+                                                             + meta[gq, 4])
+                    for t, xb in T.grid(TW, (OW + XT - 1) // XT):
+                        x0: T.let = clamp_start(xb, XT, OW)
+                        xt[T.ramp(row + (w0 + c * TW + t) * OW + x0, 1, XT)] = tap_word(xr, x0, t)
+
+    @T.macro
+    def steps_taps(acc, xs, wp, i0, rn, n, oy, ox0, obt, r, cb):
+        for i in T.unroll(rn):
+            a: T.let = _isa.bcast_word(xs.vload([n, oy * SH + r * DH, cb, (ox0 + i0 + i) * KV], AW), VL, ABC)
+            for j in T.unroll(J):
+                acc[T.ramp((i * J + j) * VL, 1, VL)] = dot(mode, _isa.row(acc, i * J + j, VL), a,
+                                                           wp.vload([0, obt, r, 0, cb, j, 0], WV))
+
     @T.macro
     def combine(dst, acc, corr, scale, gq, i0, rn, row0, obt):
         """``dst`` rows (float bits) ``(+)= float(acc - corr[gq]) * scale[gq]``."""
@@ -264,7 +335,12 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     @T.macro
     def body(x, wp, corr, out, cols, fillw, meta, scale):
         # ---- activations: pad, shift by `off`, channels last ----------------------
-        if RELAYOUT:
+        if TAPS:
+            xs = T.alloc_buffer((N, HP, CTW, OW * KV), AD)
+            xt = T.decl_buffer((N * HP * CTW * OW,), "int32", data=xs.data)
+            for p in par_relayout(N * HP):
+                relayout_taps(xt, x, cols, meta, p // HP, p % HP - PT, p * CTW * OW)
+        elif RELAYOUT:
             xs = T.alloc_buffer((N, HP, WP, CT), AD)
             if g.matmul:
                 xm = T.decl_buffer((M, C), XD, data=x.data)
@@ -334,14 +410,19 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
                 ox0: T.let = T.min(oxt * R, OW - R)
                 if GROUPS:  # the groups one after the other, summed in float
                     tile = T.decl_buffer((R, J * VL), "int32", data=rowbuf.data)
-                    for gq in range(NG):
+                    for gq in T.unroll(NG):
                         gacc0 = T.alloc_buffer((RA * J * VL,), "int32")
                         gacc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
                         zero_tile(gacc0, gacc1, RA * J, RB * J, VL)
-                        w0: T.let = meta[gq, 2] // KV
-                        for r, s, cb in T.grid(KH, KW, meta[gq, 3]):
-                            steps(gacc0, VL, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, w0 + cb, mode)
-                            steps(gacc1, VL, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, w0 + cb, mode)
+                        w0: T.let = pick(gq, GW0)
+                        if TAPS:
+                            for r, cb in T.grid(KH, pick(gq, GCB)):
+                                steps_taps(gacc0, xs, wp, 0, RA, n, oy, ox0, obt, r, w0 + cb)
+                                steps_taps(gacc1, xs, wp, RA, RB, n, oy, ox0, obt, r, w0 + cb)
+                        else:
+                            for r, s, cb in T.grid(KH, KW, pick(gq, GCB)):
+                                steps(gacc0, VL, xs, wp, 0, RA, n, oy, ox0, gi, obt, r, s, w0 + cb, mode)
+                                steps(gacc1, VL, xs, wp, RA, RB, n, oy, ox0, gi, obt, r, s, w0 + cb, mode)
                         if ROWBUF:
                             combine(rowbuf, gacc0, corr, scale, gq, 0, RA, yy * OW + ox0, obt)
                             combine(rowbuf, gacc1, corr, scale, gq, RA, RB, yy * OW + ox0, obt)

@@ -172,6 +172,14 @@ def scale_group_conv(parts, columns=None, x_shape=None):
         return None
     o, _, kh, kw = ops[0].w_shape
     whole = ops[0].with_(x_shape=x_shape, w_shape=(o, x0, kh, kw))  # the layer, for sizes
+    tw = -(-kw // mode.kv)  # words of one channel's taps
+    taps = kw > 1 and x0 * tw < kw * sum(m[3] for m in meta) and whole.out_shape[3] >= 8
+    if taps:  # a word holds kv taps of one channel: re-pack the groups' weights
+        wps, s0 = [], 0
+        for m, (op, wp, corr, _) in zip(meta, parts):
+            wps.append(_taps_pack(family.unpack([wp, corr], op), wp.shape, mode.kv))
+            m[2], m[3] = s0, m[1] * tw
+            s0 += m[3] * mode.kv
     lay = dict(family.layout(ops[0]), cb=s0 // mode.kv, cgp=s0, tc=s0 // mode.kv)
     fillw = np.zeros(s0 // mode.kv, np.int64)
     for _, _, c0, cb, _, fill in meta:
@@ -179,9 +187,24 @@ def scale_group_conv(parts, columns=None, x_shape=None):
     from ._int8dot_tir import build
 
     func = build(whole, Geometry.of(whole), mode, lay, knobs, _dot, 0, 0,
-                 groups=(len(parts), x0, max(m[3] for m in meta)))
+                 groups=(len(parts), x0, [(m[2] // mode.kv, m[3]) for m in meta], taps))
     func = func.with_attr(GROUPS_ATTR, json.dumps([op.to_dict() for op in ops])).with_attr("tirx.is_scheduled", True)
     consts = [columns.astype(np.int32), fillw.astype(np.int32), np.asarray(meta, np.int32),
               np.ascontiguousarray(np.concatenate(wps, axis=4)), np.stack(corrs).astype(np.int32),
               np.stack(scales)]
     return func, consts
+
+
+def _taps_pack(w, shape, kv: int) -> np.ndarray:
+    """Weights ``w[O, C, KH, KW]`` packed for the taps mode, ``[1, Obt, KH, 1, C * TW,
+    J, VL * kv]`` (``shape``: the group's channel-mode packing, for Obt, J and VL):
+    word ``c * TW + t`` lane ``i`` holds tap ``t * kv + i`` of channel ``c`` (0 past
+    the last tap)."""
+    o, c, kh, kw = w.shape
+    _, obt, _, _, _, j, vlkv = shape
+    vl, tw = vlkv // kv, -(-kw // kv)
+    full = np.zeros((obt * j * vl, c, tw * kv, kh), np.int64)
+    full[:o, :, :kw] = np.asarray(w, np.int64).transpose(0, 1, 3, 2)
+    # [Obt, J, VL, C * TW, kv, KH] -> [Obt, KH, C * TW, J, VL, kv]
+    t = full.reshape(obt, j, vl, c * tw, kv, kh).transpose(0, 5, 3, 1, 2, 4)
+    return np.ascontiguousarray(t.reshape(1, obt, kh, 1, c * tw, j, vlkv)).astype(np.int8)

@@ -173,6 +173,7 @@ CONV_CASES = [  # (id, kwargs)
     ("resnet-like", dict(chans=(16, 48), o=64, hw=(14, 14), zeros=(0, 0))),
     ("stem-1-and-2-channels", dict(chans=(1, 2), o=64, hw=(30, 30), k=7, stride=2, pad=3, signed=True,
                                    zeros=(0, 0))),
+    ("taps-5x5-zero-points", dict(chans=(2, 3), o=24, hw=(20, 37), k=5, pad=2, zeros=(1, 2))),
     ("strided-1x1-from-wider", dict(chans=(16, 48), o=40, hw=(14, 14), k=1, stride=2, pad=0, src=70)),
     ("three-groups-narrow", dict(chans=(40, 3, 30), bits=((8, 8), (4, 4), (2, 2)), zeros=(0, 3, 1), hw=(5, 3),
                                  o=40)),
@@ -186,11 +187,23 @@ def test_conv_vnni_bit_for_bit(name, kw):
     assert_bits(run_conv(parts, x, columns, HOST_T), expect)
 
 
+def test_conv_few_channels_pack_taps_into_words():
+    """A conv with few channels per group (the 3-channel stem in 1 + 2) puts 4 taps of
+    one channel in a word (2 words per channel and kernel row) instead of 4 channels
+    of a pixel (7 words of 1-2 channels each): its weights are packed ``KH x 1``."""
+    stem = conv_case("x86-avx512-vnni", None, chans=(1, 2), o=64, hw=(30, 30), k=7, stride=2, pad=3, signed=True)
+    wp = scale_group_conv(stem[0], columns=stem[2], x_shape=stem[1].shape)[1][3]
+    assert wp.shape[2:5] == (7, 1, 6)  # KH, 1, (1 + 2 channels) x 2 words
+    wide = conv_case("x86-avx512-vnni", None, chans=(16, 48), o=64, hw=(14, 14))
+    wp = scale_group_conv(wide[0], columns=wide[2], x_shape=wide[1].shape)[1][3]
+    assert wp.shape[2:5] == (3, 3, 16)  # channels-last words
+
+
 @needs_avx2
 def test_conv_avx2_bit_for_bit():
-    parts, x, columns, expect = conv_case("x86-avx2-dot", HASWELL, chans=(16, 48), o=64, hw=(14, 14),
-                                          bits=((4, 4), (2, 2)))
-    assert_bits(run_conv(parts, x, columns, HASWELL), expect)
+    for kw in (dict(chans=(16, 48), o=64, hw=(14, 14)), dict(chans=(1, 2), o=16, hw=(30, 30), k=7, stride=2, pad=3)):
+        parts, x, columns, expect = conv_case("x86-avx2-dot", HASWELL, bits=((4, 4), (2, 2)), **kw)
+        assert_bits(run_conv(parts, x, columns, HASWELL), expect)
 
 
 @needs_vnni
