@@ -5,6 +5,7 @@ import numpy as np
 
 from soniq_tvm import tvm_shim as tv
 from soniq_tvm.qop import QOp
+from soniq_tvm.schedules import registry
 
 CALL_TIR = tv.op("call_tir")
 QOP_ATTR = "soniq.qop"
@@ -52,7 +53,7 @@ def emit_qop(builder, op: QOp, x, weights: list[np.ndarray], family, target, nam
     """Emit ``R.call_tir`` of ``family``'s kernel for ``op`` reading ``x`` and the
     packed ``weights`` (numpy arrays, emitted as constants); returns the var."""
     op = op.with_(family=family.name, packed_bytes=int(sum(w.nbytes for w in weights)))
-    func = family.primfunc(op, target).without_attr("global_symbol")
+    func = registry.kernel_primfunc(family, op, target).without_attr("global_symbol")
     gv = builder.add_func(func, _kernel_name(op, family.name))
     args = [x] + [tv.const(w) for w in weights]
     return builder.emit(tv.call_tir(gv, args, op.out_shape, "int32"), name)

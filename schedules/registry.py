@@ -22,7 +22,8 @@ import numpy as np
 
 from soniq_tvm.qop import QOp
 
-__all__ = ["KernelFamily", "register", "families", "select", "get", "with_target_knobs"]
+__all__ = ["KernelFamily", "register", "families", "select", "get", "with_target_knobs", "kernel_primfunc",
+           "cached"]
 
 
 class KernelFamily(Protocol):
@@ -83,3 +84,24 @@ def with_target_knobs(family: KernelFamily, op: QOp, target) -> QOp:
 def _ensure_builtin() -> None:
     if not _FAMILIES:
         from soniq_tvm.schedules import cpu, reference  # noqa: F401  (register themselves)
+
+
+_BUILT: dict = {}  # kernels already built in this process, by what determines them
+_BUILT_MAX = 512
+
+
+def cached(key, make):
+    """``make()``, or the PrimFunc it returned before for an equal ``key``. Parsing a
+    kernel's TVMScript costs 0.1-0.5 s; a process that compiles a model twice (tests,
+    tuning, a notebook re-run) builds each kernel once. PrimFuncs are immutable."""
+    func = _BUILT.get(key)
+    if func is None:
+        if len(_BUILT) >= _BUILT_MAX:
+            _BUILT.clear()
+        func = _BUILT[key] = make()
+    return func
+
+
+def kernel_primfunc(family, op: QOp, target):
+    """``family.primfunc(op, target)``, built once per (family, op, target)."""
+    return cached((family.name, op.to_json(), str(target)), lambda: family.primfunc(op, target))

@@ -170,9 +170,9 @@ def test_profile_names_every_kernel(example):
     inputs = models.example_inputs(proto, seed=1)
     rows = m.profile(inputs, repeat=3)
     kernels = [r for r in rows if r["name"].startswith("soniq_") and not r["name"].startswith("soniq_act_matmul")]
-    # a matmul whose activation scale groups run in one kernel (soniq_matmul_<layer>_groups) is one row
+    # a layer whose activation scale groups run in one kernel (soniq_<kind>_<layer>_groups) is one row
     fused = {r["name"] for r in kernels if r["name"].endswith("_groups")}
-    n_groups = sum(1 if f"soniq_matmul_{safe_name(layer.name)}_groups" in fused else len(layer.groups)
+    n_groups = sum(1 if f"soniq_{layer.kind}_{safe_name(layer.name)}_groups" in fused else len(layer.groups)
                    for layer in m.plan.layers)
     assert len(kernels) == n_groups, (name, [r["name"] for r in kernels])
     # attention's activation x activation kernels: as many calls as the plan's note counts

@@ -14,6 +14,7 @@ is merged with a scalar one the rewritten stores fail its lane check.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -168,47 +169,59 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     def xs_word(xs, n, yy, xx, c):
         return _isa.bcast_word(xs.vload([n, yy, xx, c], AW), VL, ABC)
 
-    def words(x, n, sy, sx, gg, q, lanes):
-        """The 32-bit words of channels ``gg*CG + q*KV ..`` (shifted by ``off``, one
-        operand element each) at ``lanes`` input pixels ``sx, sx + SX, ...``."""
+    def to_words(elems, lanes):
+        """The 32-bit words (``lanes`` of them) whose ``KV`` fields hold ``elems``."""
         w = None
-        i32 = "int32" if lanes == 1 else f"int32x{lanes}"
-        for i in range(KV):
-            ch = gg * CG + q * KV + i
-            if CH_PAD:  # padding channels read the group's last one, then hold `fill`
-                ch = gg * CG + tirx.min(q * KV + i, CG - 1)
-            v = _isa.strided_load(x, [n, ch, sy, sx], XD, lanes, SX)
-            e = tirx.Cast(AD if lanes == 1 else f"{AD}x{lanes}", tirx.Cast(i32, v) + off)
-            if CH_PAD:
-                pad = tirx.const(fill, AD) if lanes == 1 else tirx.Broadcast(tirx.const(fill, AD), lanes)
-                e = tirx.Select(q * KV + i < CG, e, pad)
+        for i, e in enumerate(elems):
             u = tirx.Cast("uint32" if lanes == 1 else f"uint32x{lanes}",
                           tirx.reinterpret(UA if lanes == 1 else f"{UA}x{lanes}", e))
             if i:
                 u = tirx.shift_left(u, tirx.const(i * ABITS, "uint32") if lanes == 1
                                     else tirx.Broadcast(tirx.const(i * ABITS, "uint32"), lanes))
             w = u if w is None else tirx.bitwise_or(w, u)
-        return tirx.reinterpret(i32, w)
+        return tirx.reinterpret("int32" if lanes == 1 else f"int32x{lanes}", w)
+
+    def shifted(x, n, ch, sy, sx, lanes, by, valid, pad):
+        """Channel ``ch`` at ``lanes`` pixels from ``sx`` (``SX`` apart) plus ``by``, as
+        operand elements; ``pad`` where ``valid`` is false (None: always valid)."""
+        v = _isa.strided_load(x, [n, ch, sy, sx], XD, lanes, SX)
+        e = tirx.Cast(AD if lanes == 1 else f"{AD}x{lanes}", tirx.Cast("int32" if lanes == 1 else f"int32x{lanes}", v)
+                      + by)
+        if valid is None:
+            return e
+        return tirx.Select(valid, e, pad if lanes == 1 else tirx.Broadcast(pad, lanes))
+
+    def words(x, n, sy, sx, gg, q, lanes):
+        """The 32-bit words of channels ``gg*CG + q*KV ..`` (shifted by ``off``, one
+        operand element each) at ``lanes`` input pixels ``sx, sx + SX, ...``; padding
+        channels read the group's last one, then hold ``fill``."""
+        return to_words([shifted(x, n, gg * CG + (tirx.min(q * KV + i, CG - 1) if CH_PAD else q * KV + i), sy, sx,
+                                 lanes, off, q * KV + i < CG if CH_PAD else None, tirx.const(fill, AD))
+                         for i in range(KV)], lanes)
 
     def gwords(x, cols, meta, gq, n, sy, sx, q, lanes):
         """:func:`words` of scale group ``gq``'s word ``q`` (its channels gathered
         through ``cols``, its own offset and fill)."""
-        w = None
-        i32 = "int32" if lanes == 1 else f"int32x{lanes}"
-        for i in range(KV):
-            c = q * KV + i
-            ch = cols[meta[gq, 0] + tirx.min(c, meta[gq, 1] - 1)]
-            v = _isa.strided_load(x, [n, ch, sy, sx], XD, lanes, SX)
-            e = tirx.Cast(AD if lanes == 1 else f"{AD}x{lanes}", tirx.Cast(i32, v) + meta[gq, 4])
-            pad = tirx.Cast(AD, meta[gq, 5])
-            e = tirx.Select(c < meta[gq, 1], e, pad if lanes == 1 else tirx.Broadcast(pad, lanes))
-            u = tirx.Cast("uint32" if lanes == 1 else f"uint32x{lanes}",
-                          tirx.reinterpret(UA if lanes == 1 else f"{UA}x{lanes}", e))
-            if i:
-                u = tirx.shift_left(u, tirx.const(i * ABITS, "uint32") if lanes == 1
-                                    else tirx.Broadcast(tirx.const(i * ABITS, "uint32"), lanes))
-            w = u if w is None else tirx.bitwise_or(w, u)
-        return tirx.reinterpret(i32, w)
+        return to_words([shifted(x, n, cols[meta[gq, 0] + tirx.min(q * KV + i, meta[gq, 1] - 1)], sy, sx, lanes,
+                                 meta[gq, 4], q * KV + i < meta[gq, 1], tirx.Cast(AD, meta[gq, 5]))
+                         for i in range(KV)], lanes)
+
+    @T.macro
+    def word_block(xw, row, w0, q0, x0, word_of):
+        """Words ``q0 .. q0 + TL`` (``word_of(q, TL)``: at ``TL`` pixels from ``x0``) of
+        one padded input row, transposed in registers and stored channels-last from
+        word ``w0 + q0`` of each pixel."""
+        t0 = T.alloc_buffer((TL * TL // 2,), "int32")
+        t1 = T.alloc_buffer((TL * TL // 2,), "int32")
+        t2 = T.alloc_buffer((TL * TL // 2,), "int32")
+        t3 = T.alloc_buffer((TL * TL // 2,), "int32")
+        for k in T.unroll(TL // 2):
+            t0[T.ramp(k * TL, 1, TL)] = word_of(q0 + k, TL)
+            t1[T.ramp(k * TL, 1, TL)] = word_of(q0 + TL // 2 + k, TL)
+        relayout_transpose(t0, t1, t2, t3)
+        for k in T.unroll(TL // 2):
+            xw[T.ramp(row + (PL + x0 + k) * CTW + w0 + q0, 1, TL)] = _isa.row(t0, k, TL)
+            xw[T.ramp(row + (PL + x0 + TL // 2 + k) * CTW + w0 + q0, 1, TL)] = _isa.row(t1, k, TL)
 
     @T.macro
     def relayout_groups(xw, x, cols, fillw, meta, n, sy, row):
@@ -226,20 +239,9 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
                 cbg: T.let = meta[gq, 3]
                 if TL > 0 and cbg >= TL:
                     for qb, xb in T.grid((cbg + TL - 1) // TL, (XW + TL - 1) // TL):
-                        q0: T.let = clamp_start(qb, TL, cbg)
                         x0: T.let = clamp_start(xb, TL, XW)
-                        t0 = T.alloc_buffer((TL * TL // 2,), "int32")
-                        t1 = T.alloc_buffer((TL * TL // 2,), "int32")
-                        t2 = T.alloc_buffer((TL * TL // 2,), "int32")
-                        t3 = T.alloc_buffer((TL * TL // 2,), "int32")
-                        for k in T.unroll(TL // 2):
-                            t0[T.ramp(k * TL, 1, TL)] = gwords(x, cols, meta, gq, n, sy, x0 * SX, q0 + k, TL)
-                            t1[T.ramp(k * TL, 1, TL)] = gwords(x, cols, meta, gq, n, sy, x0 * SX, q0 + TL // 2 + k,
-                                                               TL)
-                        relayout_transpose(t0, t1, t2, t3)
-                        for k in T.unroll(TL // 2):
-                            xw[T.ramp(row + (PL + x0 + k) * CTW + w0 + q0, 1, TL)] = _isa.row(t0, k, TL)
-                            xw[T.ramp(row + (PL + x0 + TL // 2 + k) * CTW + w0 + q0, 1, TL)] = _isa.row(t1, k, TL)
+                        word_block(xw, row, w0, clamp_start(qb, TL, cbg), x0,
+                                   functools.partial(gwords, x, cols, meta, gq, n, sy, x0 * SX))
                 elif XL > 1:
                     for q, xb in T.grid(cbg, (XW + XL - 1) // XL):
                         x0: T.let = clamp_start(xb, XL, XW)
@@ -370,20 +372,9 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
                             xw[row + (PL + XW) * CTW + u] = OFFW
                         if TL > 0:  # TL x TL blocks of words, transposed
                             for gg, qb, xb in T.grid(G, (CB + TL - 1) // TL, (XW + TL - 1) // TL):
-                                q0: T.let = clamp_start(qb, TL, CB)
                                 x0: T.let = clamp_start(xb, TL, XW)
-                                t0 = T.alloc_buffer((TL * TL // 2,), "int32")
-                                t1 = T.alloc_buffer((TL * TL // 2,), "int32")
-                                t2 = T.alloc_buffer((TL * TL // 2,), "int32")
-                                t3 = T.alloc_buffer((TL * TL // 2,), "int32")
-                                for k in T.unroll(TL // 2):
-                                    t0[T.ramp(k * TL, 1, TL)] = words(x, n, sy, x0 * SX, gg, q0 + k, TL)
-                                    t1[T.ramp(k * TL, 1, TL)] = words(x, n, sy, x0 * SX, gg, q0 + TL // 2 + k, TL)
-                                relayout_transpose(t0, t1, t2, t3)
-                                for k in T.unroll(TL // 2):
-                                    xw[T.ramp(row + (PL + x0 + k) * CTW + gg * CB + q0, 1, TL)] = _isa.row(t0, k, TL)
-                                    xw[T.ramp(row + (PL + x0 + TL // 2 + k) * CTW + gg * CB + q0, 1, TL)] = _isa.row(
-                                        t1, k, TL)
+                                word_block(xw, row, gg * CB, clamp_start(qb, TL, CB), x0,
+                                           functools.partial(words, x, n, sy, x0 * SX, gg))
                         elif XL > 1:  # few words per pixel: store each word vector strided
                             for gg, q, xb in T.grid(G, CB, (XW + XL - 1) // XL):
                                 x0: T.let = clamp_start(xb, XL, XW)

@@ -24,6 +24,7 @@ import json
 import numpy as np
 
 from soniq_tvm.qop import QOp
+from soniq_tvm.schedules import registry
 
 from . import _isa
 from .int8dot import MODES, Geometry, Int8DotFamily, _dot, act_offset, pad_fill
@@ -45,8 +46,6 @@ def _shared(parts):
     packed weights, correction and per-output factor padded to the packed outputs,
     and ``meta`` rows (first entry in ``columns``, channels, first ``xs`` column,
     words, offset, fill)."""
-    from soniq_tvm.schedules import registry
-
     if len(parts) < 2:
         return None
     ops = [p[0] for p in parts]
@@ -139,9 +138,11 @@ def scale_group_matmul(parts, columns=None, x_shape=None):
     whole = ops[0].with_(x_shape=x_shape[:-1] + (x0,), w_shape=(x0, n))  # the layer, for sizes
     # an element-wise gather costs about 4 byte copies per byte: it goes parallel sooner
     relayout = _isa.parallel_pass(whole, m * s0 * (1 if shuffle or not gather else 4))
-    func = build(mode, len(parts), m, x_shape[-1], x0, n, wp_all.shape[1], wp_all.shape[0], knobs, x_shape,
-                 ops[0].a_dtype, _dot, _isa.parallel_loop(whole), relayout, gather,
-                 [int(v) for v in lanes] if shuffle else None)
+    shuffle_lanes = [int(v) for v in lanes] if shuffle else None
+    args = (mode, len(parts), m, x_shape[-1], x0, n, wp_all.shape[1], wp_all.shape[0], knobs, x_shape,
+            ops[0].a_dtype, _dot, _isa.parallel_loop(whole), relayout, gather, shuffle_lanes)
+    key = ("scale-groups-matmul", whole.to_json(), repr(args[:-1]), tuple(shuffle_lanes or ()))
+    func = registry.cached(key, lambda: build(*args))
     func = func.with_attr(GROUPS_ATTR, json.dumps([op.to_dict() for op in ops])).with_attr("tirx.is_scheduled", True)
     consts = [columns.astype(np.int32), (info & 255).astype(np.uint8).view(mode.a_dtype),
               np.asarray(meta, np.int32), wp_all, np.stack(corrs).astype(np.int32), np.stack(scales)]
@@ -186,8 +187,9 @@ def scale_group_conv(parts, columns=None, x_shape=None):
         fillw[c0 // mode.kv:c0 // mode.kv + cb] = _isa.replicate_word(fill, 32 // mode.kv)
     from ._int8dot_tir import build
 
-    func = build(whole, Geometry.of(whole), mode, lay, knobs, _dot, 0, 0,
-                 groups=(len(parts), x0, [(m[2] // mode.kv, m[3]) for m in meta], taps))
+    groups = (len(parts), x0, tuple((m[2] // mode.kv, m[3]) for m in meta), taps)
+    key = ("scale-groups-conv", whole.to_json(), mode, repr(sorted(lay.items())), repr(sorted(knobs.items())), groups)
+    func = registry.cached(key, lambda: build(whole, Geometry.of(whole), mode, lay, knobs, _dot, 0, 0, groups=groups))
     func = func.with_attr(GROUPS_ATTR, json.dumps([op.to_dict() for op in ops])).with_attr("tirx.is_scheduled", True)
     consts = [columns.astype(np.int32), fillw.astype(np.int32), np.asarray(meta, np.int32),
               np.ascontiguousarray(np.concatenate(wps, axis=4)), np.stack(corrs).astype(np.int32),
