@@ -140,7 +140,7 @@ def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, sto
 
 
 def _prepare(model, tgt: dict, *, shapes=None, family=None, dump_ir=None, stop_after=None, tuned=None,
-             split="auto", probes=False):
+             split="auto", probes=False, memory_limit=None):
     """:func:`prepare` for a target already parsed (``tgt``: a target dict)."""
     if split not in SPLIT_MODES:
         raise InputError(f"split={split!r} is not one of {', '.join(SPLIT_MODES)}",
@@ -151,11 +151,13 @@ def _prepare(model, tgt: dict, *, shapes=None, family=None, dump_ir=None, stop_a
     from .naming import canonical_names
 
     from .qoperator import to_qdq
+    from .resources import check_inputs
 
     model, source = _model(model)
     model = to_qdq(model)  # QOperator / integer ops, sub-byte and blocked Q/DQ -> plain QDQ
     infos = _weight_infos(model)
     ins, outs = _signature(model, shapes)
+    check_inputs(ins, memory_limit)
     _check_ops(model)
     # one renaming for the importer: every initializer gets a safe, unique name,
     # and the weight annotations follow it (torch.onnx.export's "onnx::" names)
@@ -310,7 +312,7 @@ def inspect(model, target="llvm", *, shapes=None, family=None, database=None, st
 
 
 def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, database=None,  # noqa: A001
-            strict=False, split="auto", probes=True) -> CompiledModule:
+            strict=False, split="auto", probes=True, memory_limit=None) -> CompiledModule:
     """Compile an annotated ONNX model (path or ModelProto) for ``target``.
 
     ``target``: a legacy string (``"llvm -mcpu=skylake-avx512"``), a dict, or a
@@ -332,16 +334,23 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
     returning every integer kernel's input codes and result, with which
     :func:`soniq_tvm.verify` checks it layer by layer; ``main`` is the same
     either way.
+    ``memory_limit`` (bytes, or ``"8G"``-style): a model whose constants and tensors
+    alive at once would need more is refused with a :class:`ResourceLimitError`
+    before anything is built (default: ``SONIQ_MEMORY_LIMIT``, else this machine's
+    memory); the figures are in ``manifest["memory"]``.
     """
     import tvm
+
+    from .resources import check as check_memory
 
     t0 = time.time()
     tgt = parse_target(target)  # parsed once; everything below takes the dict
     tuned = _tuned(database, tgt, strict)
     result, tgt, model, ins, outs = _prepare(model, tgt, shapes=shapes, family=family, dump_ir=dump_ir,
-                                             tuned=tuned, split=split, probes=probes)
+                                             tuned=tuned, split=split, probes=probes, memory_limit=memory_limit)
     if tuned is not None:
         tuned.check()
+    memory = check_memory(result.mod, memory_limit)
     from soniq_tvm.passes.pipeline import build_pipeline
 
     tvm_target = to_tvm_target(tgt)
@@ -362,6 +371,7 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
         "required_features": required_features(tgt),
         "plan": plan.to_dict(),
         "compile_seconds": round(time.time() - t0, 3),
+        "memory": {"constants_bytes": memory["weights"], "workspace_bytes": memory["workspace"]},
     }
     if probes:
         manifest["probes"] = result.probes

@@ -18,6 +18,7 @@ __all__ = [
     "HardwareMismatchError",
     "TuningDatabaseError",
     "ExportError",
+    "ResourceLimitError",
 ]
 
 
@@ -96,3 +97,7 @@ class TuningDatabaseError(SoniqError):
 
 class ExportError(SoniqError):
     """The PyTorch side cannot quantize or export a module."""
+
+
+class ResourceLimitError(SoniqError):
+    """The model would need more memory (constants and live tensors) than the bound."""

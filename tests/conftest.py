@@ -5,6 +5,11 @@ import numpy as np
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", type=int, default=500,
+                     help="differential fuzz cases against the integer reference and ONNX Runtime (tests/fuzz)")
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import tvm

@@ -60,8 +60,8 @@ class DepthwiseFamily:
         if not (_isa.is_x86(target) or _isa.is_aarch64(target)):
             return False
         g = Geometry.of(op)
-        if not (g.cg == 1 and g.groups > 1):
-            return False
+        if not (g.cg == 1 and g.groups > 1) or g.ow < 2:
+            return False  # one output column: no vector of pixels to fill
         if op.a_dtype not in ("int8", "uint8") or op.a_bit > 8 or op.w_bit > 8:
             return False
         return g.kh * g.kw * _amax(op) * max(abs(v) for v in weight_range(op.w_bit, op.w_signed)) <= EXACT_FLOAT

@@ -310,3 +310,14 @@ def test_select_prefers_the_right_family():
     icelake = tv.Target({"kind": "llvm", "mcpu": "icelake-server"})
     assert registry.select(make_op("conv2d", 8, 8, **conv), icelake).name == "x86-avx512-vnni"
     assert registry.select(make_op("conv2d", 1, 1, **conv), icelake).name == "cpu-bitserial"
+
+
+def test_depthwise_refuses_a_single_output_column():
+    """Found by tests/fuzz: a depthwise conv with one output column built a 1-lane
+    vector and crashed TVM; the family now says "not applicable" and another runs it."""
+    op = make_op("conv2d", 4, 4, x=(1, 7, 12, 4), w=(7, 1, 3, 3), groups=7, strides=(1, 2))
+    assert op.out_shape[3] == 1
+    assert registry.get("cpu-depthwise").cost(op, HOST_T) is None
+    assert registry.select(op, HOST_T).name != "cpu-depthwise"
+    wide = make_op("conv2d", 4, 4, x=(1, 7, 12, 6), w=(7, 1, 3, 3), groups=7, strides=(1, 2))
+    assert registry.get("cpu-depthwise").cost(wide, HOST_T) is not None
