@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-DATA_PER_CONFIG = 4
+DATA_PER_CONFIG = 8
 SEED = 20261207
 
 
@@ -119,8 +119,10 @@ def operands(op, rng, worst: bool):
     return x.astype(op.a_dtype), w.astype(np.int64)
 
 
-def ort_output(op, x, w, sx: float, sw: np.ndarray) -> np.ndarray:
-    """ONNX Runtime (no graph optimisations) on the layer as a QDQ model."""
+def ort_session(op, w, sx: float, sw: np.ndarray, x_dtype):
+    """An ONNX Runtime session (no graph optimisations) of the layer as a QDQ model:
+    input ``x`` (codes), ``DequantizeLinear`` of them and of the weights ``w``
+    (per output channel steps ``sw``), then ``Conv``/``MatMul`` in float."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -130,7 +132,7 @@ def ort_output(op, x, w, sx: float, sw: np.ndarray) -> np.ndarray:
     inits = [numpy_helper.from_array(w.astype(wdt), "w_q"), numpy_helper.from_array(sw.astype(np.float32), "w_s"),
              numpy_helper.from_array(np.zeros(sw.size, wdt), "w_z"),
              numpy_helper.from_array(np.array(sx, np.float32), "x_s"),
-             numpy_helper.from_array(np.array(op.a_zero, x.dtype), "x_z")]
+             numpy_helper.from_array(np.array(op.a_zero, x_dtype), "x_z")]
     nodes = [helper.make_node("DequantizeLinear", ["x", "x_s", "x_z"], ["xf"]),
              helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["wf"], axis=axis)]
     if op.kind == "conv2d":
@@ -138,16 +140,15 @@ def ort_output(op, x, w, sx: float, sw: np.ndarray) -> np.ndarray:
                                       dilations=list(op.dilation), group=op.groups))
     else:
         nodes.append(helper.make_node("MatMul", ["xf", "wf"], ["y"]))
-    xt = TensorProto.INT8 if x.dtype == np.int8 else TensorProto.UINT8
-    graph = helper.make_graph(nodes, "fuzz", [helper.make_tensor_value_info("x", xt, list(x.shape))],
+    xt = TensorProto.INT8 if np.dtype(x_dtype) == np.int8 else TensorProto.UINT8
+    graph = helper.make_graph(nodes, "fuzz", [helper.make_tensor_value_info("x", xt, list(op.x_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def run_config(cfg: dict, target=None, execute: bool = True) -> list[str]:
@@ -182,11 +183,226 @@ def run_config(cfg: dict, target=None, execute: bool = True) -> list[str]:
         sx = float(2.0 ** rng.integers(-8, 0))
         sw = (rng.uniform(0.5, 2.0, op.w_shape[0] if op.kind == "conv2d" else op.w_shape[1]) / 64).astype(np.float32)
         ours = got.astype(np.float64) * sx * (sw.reshape(-1, 1, 1) if op.kind == "conv2d" else sw)
-        theirs = ort_output(op, x, w, sx, sw).astype(np.float64)
+        theirs = ort_session(op, w, sx, sw, x.dtype).run(None, {"x": x})[0].astype(np.float64)
         step = max(float(np.abs(theirs).max(initial=0.0)), 1e-30) / 127
         if theirs.shape != ours.shape or np.abs(ours - theirs).max(initial=0.0) > step:
             failures.append(f"{where}: ONNX Runtime differs by more than one output step ({step:.3g})")
     return failures
+
+
+def make_group_config(seed: int, index: int) -> dict:
+    """A conv or matmul layer whose input channels carry 2-4 activation steps (scale
+    groups, gathered from a wider input in random order), each group with its own
+    widths, zero point and channel count: the scale-group kernel's input."""
+    rng = np.random.default_rng([seed, 1 << 20, index])
+    ng = int(rng.integers(2, 5))
+    a_signed = bool(rng.random() < 0.3)
+    groups = []
+    for _ in range(ng):
+        wb, ab = int(rng.integers(2, 9)), int(rng.integers(1, 8))
+        lo, hi = (-(1 << (ab - 1)), (1 << (ab - 1)) - 1) if a_signed else (0, (1 << ab) - 1)
+        groups.append({"channels": int(rng.integers(1, 40)), "wb": wb, "ab": ab,
+                       "a_zero": 0 if rng.random() < 0.5 else int(rng.integers(lo, hi + 1))})
+    total = sum(g["channels"] for g in groups)
+    cfg = {"seed": seed, "index": index, "a_signed": a_signed, "groups": groups,
+           "source": total + int(rng.integers(0, 9)), "outputs": int(rng.integers(1, 50))}
+    if rng.random() < 0.6:
+        k = int(rng.choice([1, 3, 3, 5, 7]))
+        pad = int(rng.integers(0, k // 2 + 1))
+        cfg.update(kind="conv2d", k=k, stride=int(rng.integers(1, 3)), pad=pad,
+                   hw=[int(v) for v in rng.integers(max(1, k - 2 * pad), 20, 2)])
+    else:
+        cfg.update(kind="matmul", lead=[int(v) for v in rng.integers(1, 24, int(rng.integers(1, 3)))])
+    return cfg
+
+
+def run_group_config(cfg: dict, family: str, target=None) -> list[str]:
+    """The scale-group kernel of ``cfg`` on ``family`` against numpy doing the same
+    float operations (``float32(acc_g) * factor_g`` added in group order), bit for
+    bit; ``["n/a"]`` when the groups cannot share a kernel there."""
+    import tvm
+
+    from soniq_tvm import tvm_shim as tv
+    from soniq_tvm.qop import QOp, reference
+    from soniq_tvm.schedules import registry
+    from soniq_tvm.schedules.cpu.groups import scale_group_conv, scale_group_matmul
+
+    target = target or host_target()
+    fam = registry.get(family)
+    rng = np.random.default_rng([cfg["seed"], 2 << 20, cfg["index"]])
+    dt = "int8" if cfg["a_signed"] else "uint8"
+    conv = cfg["kind"] == "conv2d"
+    src = cfg["source"]
+    x_shape = (1, src) + tuple(cfg["hw"]) if conv else tuple(cfg["lead"]) + (src,)
+    columns = rng.permutation(src)[:sum(g["channels"] for g in cfg["groups"])]
+    x = rng.integers(0, 2, x_shape)
+    parts, expect, col = [], None, 0
+    for gi, g in enumerate(cfg["groups"]):
+        k, cols = g["channels"], columns[col:col + g["channels"]]
+        col += k
+        lo, hi = (-(1 << (g["ab"] - 1)), (1 << (g["ab"] - 1)) - 1) if cfg["a_signed"] else (0, (1 << g["ab"]) - 1)
+        sub = rng.integers(lo, hi + 1, x_shape[:1] + (k,) + x_shape[2:] if conv else x_shape[:-1] + (k,))
+        if conv:
+            x[:, cols] = sub
+        else:
+            x[..., cols] = sub
+        o = cfg["outputs"]
+        if conv:
+            op = QOp("conv2d", "fz", (1, k) + tuple(cfg["hw"]), (o, k, cfg["k"], cfg["k"]), (g["wb"],) * k,
+                     (g["ab"],) * k, a_signed=cfg["a_signed"], a_dtype=dt, a_zero=g["a_zero"], group=gi,
+                     strides=(cfg["stride"],) * 2, padding=(cfg["pad"],) * 4)
+        else:
+            op = QOp("matmul", "fz", x_shape[:-1] + (k,), (k, o), (g["wb"],) * k, (g["ab"],) * k,
+                     a_signed=cfg["a_signed"], a_dtype=dt, a_zero=g["a_zero"], group=gi)
+        if fam.cost(op, target) is None:
+            return ["n/a"]
+        op = registry.with_target_knobs(fam, op, target).with_(family=fam.name)
+        op = op.with_(knobs=fam.knobs(op))
+        w = rng.integers(-(1 << (g["wb"] - 1)), 1 << (g["wb"] - 1), op.w_shape)
+        packed = fam.pack(w, op)
+        factor = (rng.uniform(0.5, 2.0, o) * 2.0 ** float(rng.integers(-12, 4))).astype(np.float32)
+        factor = factor.reshape(1, o, 1, 1) if conv else factor
+        parts.append((op, packed[0], packed[1], factor))
+        xg = np.take(x, cols, axis=1 if conv else -1).astype(dt)
+        term = reference(xg, w, op).astype(np.float32) * factor
+        expect = term if expect is None else expect + term
+    x = x.astype(dt)
+    built = (scale_group_conv if conv else scale_group_matmul)(parts, columns=columns, x_shape=x.shape)
+    if built is None:
+        return ["n/a"]
+    func, consts = built
+    lib = tvm.compile(func, target=target)
+    out = tvm.runtime.empty(expect.shape, "float32")
+    lib["main"](tv.tensor(x), *[tv.tensor(c) for c in consts], out)
+    got = out.numpy()
+    bad = got.view(np.int32) != expect.view(np.int32)
+    if bad.any():
+        return [f"scale groups {cfg['index']} ({family}, {cfg['kind']}, {len(parts)} groups): {int(bad.sum())} of "
+                f"{bad.size} outputs differ from numpy's float sum of the exact group results"]
+    return []
+
+
+def run_act_config(seed: int, index: int, target=None) -> list[str]:
+    """An attention activation x activation matmul (random batch, rows, reduction,
+    columns and operand signs; full-range codes, the first data set at the range
+    ends) against numpy, bit for bit; ``["n/a"]`` when the target has no kernel."""
+    import tvm
+
+    from soniq_tvm import tvm_shim as tv
+    from soniq_tvm.schedules.cpu import actdot
+
+    target = target or host_target()
+    rng = np.random.default_rng([seed, 3 << 20, index])
+    dts = ["int8", "uint8"]
+    spec = actdot.ActMatmul(int(rng.integers(1, 7)), int(rng.integers(1, 41)), int(rng.integers(1, 200)),
+                            int(rng.integers(1, 71)), dts[int(rng.integers(2))], dts[int(rng.integers(2))])
+    func = actdot.act_matmul(spec, target)
+    if func is None:
+        return ["n/a"]
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    failures = []
+    for d in range(2):
+        a_info, b_info = np.iinfo(spec.a_dtype), np.iinfo(spec.b_dtype)
+        if d == 0:
+            a = np.where(rng.random((spec.batch, spec.m, spec.k)) < 0.5, a_info.min, a_info.max)
+            b = np.where(rng.random((spec.batch, spec.k, spec.n)) < 0.5, b_info.min, b_info.max)
+        else:
+            a = rng.integers(a_info.min, int(a_info.max) + 1, (spec.batch, spec.m, spec.k))
+            b = rng.integers(b_info.min, int(b_info.max) + 1, (spec.batch, spec.k, spec.n))
+        a, b = a.astype(spec.a_dtype), b.astype(spec.b_dtype)
+        out = tvm.runtime.empty((spec.batch, spec.m, spec.n), "int32")
+        lib["main"](tv.tensor(a), tv.tensor(b), out)
+        if not np.array_equal(out.numpy(), actdot.reference(a, b)):
+            failures.append(f"act matmul {index}.{d} {spec}: differs from the integer reference")
+    return failures
+
+
+STEP_LAYOUTS = ("tensor", "group", "channel")
+
+
+def run_model_config(seed: int, index: int) -> list[str]:
+    """One annotated layer through the whole compiler: a conv or matmul whose
+    channels take a random pair of widths (1..8, a random fraction low, bits along
+    the input or the output channels), signed or unsigned activations with a zero
+    point, activation steps per tensor, per width group or per channel, compiled
+    with ``split="auto"`` or ``"always"``. :func:`soniq_tvm.verify` must pass: every
+    kernel bit for bit against the file's integers, the output against ONNX Runtime."""
+    from soniq_tvm import compile as soniq_compile
+    from soniq_tvm.annotation import bit_range
+    from soniq_tvm.builder import QDQBuilder
+    from soniq_tvm.verify import verify
+
+    rng = np.random.default_rng([seed, 4 << 20, index])
+    lo_b, hi_b = sorted(int(v) for v in rng.choice(np.arange(1, 9), 2, replace=False))
+    a_signed = bool(rng.random() < 0.4)
+    if a_signed and lo_b == 1:
+        lo_b = 2  # signed 1-bit activations have no Max/Min form
+    conv = bool(rng.random() < 0.6)
+    cin, cout = int(rng.integers(2, 33)), int(rng.integers(2, 33))
+    bits_in = [int(b) for b in np.where(rng.random(cin) < rng.uniform(0.2, 0.9), lo_b, hi_b)]
+    w_axis_out = bool(rng.random() < 0.3)
+    wbits = [int(b) for b in np.where(rng.random(cout) < 0.5, lo_b, hi_b)] if w_axis_out else bits_in
+    if a_signed and min(wbits) == 1:
+        wbits = [max(b, 2) for b in wbits]
+    layout = STEP_LAYOUTS[int(rng.integers(3))]
+    base = 2.0 ** -float(rng.integers(3, 7))
+    widths = np.asarray(bits_in)
+    if layout == "tensor":
+        steps = np.full(cin, base, np.float32)
+    elif layout == "group":
+        steps = np.where(widths == lo_b, base * 4, base).astype(np.float32)
+    else:
+        steps = (base * rng.uniform(0.5, 2.0, cin)).astype(np.float32)
+    zero = 0 if a_signed or rng.random() < 0.5 else int(rng.integers(0, (1 << min(bits_in)) - 1 + 1))
+    b = QDQBuilder("fuzz_layer")
+    if conv:
+        k = int(rng.choice([1, 3, 5]))
+        stride = int(rng.integers(1, 3))
+        hw = [int(v) for v in rng.integers(k, 12, 2)]
+        x = b.input("x", [1, cin, *hw])
+        xd = b.quant_act(x, steps, bits_in, signed=a_signed, axis=1, zero_point=zero)
+        w = np.zeros((cout, cin, k, k), np.int64)
+        axis_bits = wbits if w_axis_out else bits_in
+        for c, wb in enumerate(axis_bits):
+            lo, hi = bit_range(wb, True)
+            vals = rng.integers(lo, hi + 1, w[c].shape if w_axis_out else w[:, c].shape)
+            vals = np.where(vals >= 0, 1, -1) if wb == 1 else vals
+            if w_axis_out:
+                w[c] = vals
+            else:
+                w[:, c] = vals
+        y = b.conv(xd, w.astype(np.int8), (2.0 ** -6 * rng.uniform(0.5, 2, cout)).astype(np.float32), axis_bits,
+                   w_axis=0 if w_axis_out else 1, strides=(stride, stride), pads=(k // 2,) * 4)
+        shape = (1, cin, *hw)
+    else:
+        lead = [int(v) for v in rng.integers(1, 9, int(rng.integers(1, 3)))]
+        x = b.input("x", [*lead, cin])
+        xd = b.quant_act(x, steps, bits_in, signed=a_signed, axis=len(lead), zero_point=zero)
+        w = np.zeros((cin, cout), np.int64)
+        axis_bits = wbits if w_axis_out else bits_in
+        for c, wb in enumerate(axis_bits):
+            lo, hi = bit_range(wb, True)
+            vals = rng.integers(lo, hi + 1, cin if w_axis_out else cout)
+            vals = np.where(vals >= 0, 1, -1) if wb == 1 else vals
+            if w_axis_out:
+                w[:, c] = vals
+            else:
+                w[c] = vals
+        y = b.matmul(xd, w.astype(np.int8), (2.0 ** -6 * rng.uniform(0.5, 2, cout)).astype(np.float32), axis_bits,
+                     w_axis=1 if w_axis_out else 0)
+        shape = (*lead, cin)
+    b.output(y, "y")
+    model = b.build()
+    split = ("auto", "always")[int(rng.integers(2))]
+    x = (rng.standard_normal(shape) * 4 * float(steps.max())).astype(np.float32)
+    m = soniq_compile(model, target="llvm", split=split)
+    report = verify(model, m, inputs={"x": x})
+    where = (f"model {index} ({'conv' if conv else 'matmul'} {cin}->{cout}, widths {lo_b}/{hi_b} along "
+             f"{'outputs' if w_axis_out else 'inputs'}, steps per {layout}, zero point {zero}, split={split})")
+    bad = [str(c) for c in report.layers if c.what == "kernel" and not c.ok]
+    if bad or not report.ok:
+        return [f"{where}: " + ("; ".join(bad) if bad else str(report).splitlines()[-1])]
+    return []
 
 
 def fuzzed_families(target=None) -> list[str]:

@@ -206,6 +206,16 @@ def test_conv_avx2_bit_for_bit():
         assert_bits(run_conv(parts, x, columns, HASWELL), expect)
 
 
+def test_conv_cross_builds_for_aarch64_with_sdot():
+    """The same kernels built for NEON (sdot), compile-only: channels-last and taps."""
+    arm = tv.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
+    for kw in (dict(), dict(chans=(1, 2), o=64, hw=(30, 30), k=7, stride=2, pad=3, signed=True, zeros=(0, 0))):
+        parts, x, columns, _ = conv_case("arm-neon-sdot", arm, **kw)
+        func, _ = scale_group_conv(parts, columns=columns, x_shape=x.shape)
+        asm = tvm.compile(func, target=arm).mod.inspect_source("asm")
+        assert "sdot" in asm
+
+
 @needs_vnni
 def test_conv_comparison_fails_on_a_wrong_gather():
     """Two channels of different groups swapped in the kernel's gather table: the
