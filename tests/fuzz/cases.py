@@ -414,7 +414,7 @@ def fuzzed_families(target=None) -> list[str]:
     for f in registry.families():
         if f.name in ("int8-ref", "bitplane-ref"):
             continue
-        if any(accepts(f.name, random_op(np.random.default_rng([7, i])), target) for i in range(400)):
+        if any(accepts(f.name, random_op(np.random.default_rng([7, i])), target) for i in range(150)):
             names.append(f.name)
     return names
 

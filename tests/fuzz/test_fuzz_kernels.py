@@ -4,9 +4,9 @@
 host: N/8 random configs x 8 data sets, each bit for bit against the integer
 reference and within one output step of ONNX Runtime. Beside them, in proportion:
 every fourth config also built for the other x86 level (haswell, run here on an
-AVX-512 host; skylake-avx512, compiled only, on an AVX2 host); N/25 layers with 2-4
+AVX-512 host; skylake-avx512, compiled only, on an AVX2 host); N/40 layers with 2-4
 activation scale groups in one kernel (conv and matmul, bit for bit against numpy's
-float sum); N/50 attention activation x activation matmuls (2 data sets each); N/100
+float sum); N/80 attention activation x activation matmuls (2 data sets each); N/100
 random annotated layers through the whole compiler, checked by ``verify``. A
 failure names a one-line reproducer.
 """
@@ -52,8 +52,8 @@ def pytest_generate_tests(metafunc):
     cases = metafunc.config.getoption("fuzz_cases")
     counts = {"config_index": (-(-cases // DATA_PER_CONFIG), 1, "c"),  # name: (how many, step, id prefix)
               "other_index": (-(-cases // DATA_PER_CONFIG), 4, "c"),
-              "group_index": (max(1, cases // 25), 1, "g"),
-              "act_index": (max(1, cases // 50), 1, "a"),
+              "group_index": (max(1, cases // 40), 1, "g"),
+              "act_index": (max(1, cases // 80), 1, "a"),
               "model_index": (max(1, cases // 100), 1, "m")}
     for name, (n, step, prefix) in counts.items():
         if name in metafunc.fixturenames:
