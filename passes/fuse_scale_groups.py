@@ -139,13 +139,11 @@ class _Fuse(tv.PyExprMutator):
 
     def _fused(self, terms, shape):
         parts, src = [], None
-        conv = None
+        kind = soniq_call(terms[0][0], self.chains.mod)[0].kind
+        conv = kind == "conv2d"
         for call, factor in terms:
             op, args = soniq_call(call, self.chains.mod)
-            if conv is None:
-                conv = op.kind == "conv2d"
-            if op.kind != ("conv2d" if conv else "matmul") or len(args) != 3 \
-                    or not all(tv.is_const(a) for a in args[1:]):
+            if op.kind != kind or len(args) != 3 or not all(tv.is_const(a) for a in args[1:]):
                 return None
             found = self.chains.source(args[0], op.w_shape[1] if conv else op.w_shape[0], conv)
             if found is None or (src is not None and not found[0].same_as(src)):
@@ -160,7 +158,6 @@ class _Fuse(tv.PyExprMutator):
         func, consts = built
         x = self.visit_expr(src)
         layer = parts[0][0][0].layer
-        kind = "conv2d" if conv else "matmul"
         gv = self.builder_.add_func(func.without_attr("global_symbol"), f"soniq_{kind}_{safe_name(layer)}_groups")
         return tv.call_tir(gv, [x] + [tv.const(c) for c in consts], shape, "float32")
 

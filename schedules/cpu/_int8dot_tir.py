@@ -268,17 +268,16 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
         return tirx.reinterpret(f"int32x{XT}", tirx.Shuffle([v] * copies, lanes))
 
     @T.macro
-    def relayout_taps(xt, x, cols, meta, n, sy, row):
+    def relayout_taps(xt, x, cols, fillw, meta, n, sy, row):
         """Row ``sy`` (padded row ``sy + PT``) of ``xs[n, hp, word, ox]`` in taps mode:
         per group and channel, the padded input row shifted by the group's offset,
         then per tap word ``XT`` output columns at a time, each byte a strided load."""
         for gq in range(NG):
             w0: T.let = meta[gq, 2] // KV
-            fw: T.let = T.bitwise_and(meta[gq, 5], 255) * 0x01010101
             for c in range(meta[gq, 1]):
                 if sy < 0 or sy >= H:
                     for u in range(TW * OW):
-                        xt[row + (w0 + c * TW) * OW + u] = fw
+                        xt[row + (w0 + c * TW) * OW + u] = fillw[w0]  # the group's fill word
                 else:
                     ch: T.let = cols[meta[gq, 0] + c]
                     xr = T.alloc_buffer((XROW,), AD)
@@ -341,7 +340,7 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
             xs = T.alloc_buffer((N, HP, CTW, OW * KV), AD)
             xt = T.decl_buffer((N * HP * CTW * OW,), "int32", data=xs.data)
             for p in par_relayout(N * HP):
-                relayout_taps(xt, x, cols, meta, p // HP, p % HP - PT, p * CTW * OW)
+                relayout_taps(xt, x, cols, fillw, meta, p // HP, p % HP - PT, p * CTW * OW)
         elif RELAYOUT:
             xs = T.alloc_buffer((N, HP, WP, CT), AD)
             if g.matmul:

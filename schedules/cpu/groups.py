@@ -178,7 +178,7 @@ def scale_group_conv(parts, columns=None, x_shape=None):
     if taps:  # a word holds kv taps of one channel: re-pack the groups' weights
         wps, s0 = [], 0
         for m, (op, wp, corr, _) in zip(meta, parts):
-            wps.append(_taps_pack(family.unpack([wp, corr], op), wp.shape, mode.kv))
+            wps.append(_taps_pack(family.unpack([wp, corr], op), np.asarray(wp), mode.kv))
             m[2], m[3] = s0, m[1] * tw
             s0 += m[3] * mode.kv
     lay = dict(family.layout(ops[0]), cb=s0 // mode.kv, cgp=s0, tc=s0 // mode.kv)
@@ -197,16 +197,16 @@ def scale_group_conv(parts, columns=None, x_shape=None):
     return func, consts
 
 
-def _taps_pack(w, shape, kv: int) -> np.ndarray:
+def _taps_pack(w, packed, kv: int) -> np.ndarray:
     """Weights ``w[O, C, KH, KW]`` packed for the taps mode, ``[1, Obt, KH, 1, C * TW,
-    J, VL * kv]`` (``shape``: the group's channel-mode packing, for Obt, J and VL):
+    J, VL * kv]`` (``packed``: the group's channel-mode packing, for Obt, J, VL, dtype):
     word ``c * TW + t`` lane ``i`` holds tap ``t * kv + i`` of channel ``c`` (0 past
     the last tap)."""
     o, c, kh, kw = w.shape
-    _, obt, _, _, _, j, vlkv = shape
+    _, obt, _, _, _, j, vlkv = packed.shape
     vl, tw = vlkv // kv, -(-kw // kv)
     full = np.zeros((obt * j * vl, c, tw * kv, kh), np.int64)
     full[:o, :, :kw] = np.asarray(w, np.int64).transpose(0, 1, 3, 2)
     # [Obt, J, VL, C * TW, kv, KH] -> [Obt, KH, C * TW, J, VL, kv]
     t = full.reshape(obt, j, vl, c * tw, kv, kh).transpose(0, 5, 3, 1, 2, 4)
-    return np.ascontiguousarray(t.reshape(1, obt, kh, 1, c * tw, j, vlkv)).astype(np.int8)
+    return np.ascontiguousarray(t.reshape(1, obt, kh, 1, c * tw, j, vlkv)).astype(packed.dtype)
