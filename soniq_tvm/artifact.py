@@ -183,6 +183,9 @@ class CompiledModule:
 
     def benchmark(self, inputs, number: int = 10, repeat: int = 5) -> dict:
         """Median latency (ms) of ``repeat`` measurements, each the mean of ``number`` runs."""
+        for name, value in (("number", number), ("repeat", repeat)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         vm = self._machine()
         args = self._arguments((inputs,), {})
         res = vm.time_evaluator("main", self._device(), number=number, repeat=repeat)(*args)
