@@ -1,5 +1,5 @@
 """Per-family kernel throughput against the machine's primitive peaks:
-``python -m benchmarks.kernels [--quick] [--sections families,gemv,conv,depthwise,attention,winograd]``.
+``python -m benchmarks.kernels [--quick] [--sections families,gemv,conv,depthwise,attention,winograd,resnet18]``.
 
 Two workloads: a ResNet-like 3x3 conv (1x64x56x56 -> 64, pad 1) and a 4096x4096
 GEMV, at several (w_bits, a_bits). Each applicable CPU family is compiled for the
@@ -42,6 +42,10 @@ Sections (``--sections``, all by default):
   (``schedules/cpu/winograd.py``), for the host (VNNI) and as an AVX2 build,
   interleaved; GOP/s and %peak count the direct convolution's MACs, with the cost
   model's figure beside each.
+* ``resnet18``: every distinct ResNet-18 conv shape (stem, 3x3 stride 1 and 2, 1x1
+  stride 2) at 8 bits on the int8-dot family, for the host and as an AVX2 build,
+  interleaved, with its share of the int8 dot peak against #19's goals (85 % for the
+  3x3 stride-1 convs, 70 % for the rest).
 """
 from __future__ import annotations
 
@@ -468,6 +472,63 @@ def winograd_section(rounds: int, log=print, widths=((2, 2), (4, 4)), low: float
     return rows
 
 
+# ResNet-18's distinct conv shapes: (name, cin, cout, input size, kernel, stride, padding)
+RESNET_CONVS = [("stem 7x7/2", 3, 64, 224, 7, 2, 3),
+                ("3x3 @56", 64, 64, 56, 3, 1, 1), ("3x3/2 56->28", 64, 128, 56, 3, 2, 1),
+                ("1x1/2 56->28", 64, 128, 56, 1, 2, 0), ("3x3 @28", 128, 128, 28, 3, 1, 1),
+                ("3x3/2 28->14", 128, 256, 28, 3, 2, 1), ("1x1/2 28->14", 128, 256, 28, 1, 2, 0),
+                ("3x3 @14", 256, 256, 14, 3, 1, 1), ("3x3/2 14->7", 256, 512, 14, 3, 2, 1),
+                ("1x1/2 14->7", 256, 512, 14, 1, 2, 0), ("3x3 @7", 512, 512, 7, 3, 1, 1)]
+RESNET_GOALS = {"3x3": 85.0, "other": 70.0}  # #19: % of the int8 dot peak
+
+
+def resnet18_section(rounds: int, log=print, bits: int = 8, convs=RESNET_CONVS) -> list[dict]:
+    """Every distinct ResNet-18 conv at 8 bits on the int8-dot family of this host
+    (VNNI) and of an AVX2 build, interleaved: us, GOP/s and share of the int8 dot
+    peak (``benchmarks.peak``, same process) against #19's goals (3x3 stride-1
+    convs 85 %, the stem, strided and 1x1 convs 70 %)."""
+    from soniq_tvm.qop import QOp
+    from soniq_tvm.schedules import registry
+    from soniq_tvm.schedules.cpu import _isa
+
+    from .peak import run_peaks
+
+    hostf = _isa.host_features()
+    rng = np.random.default_rng(0)
+    peaks = {}
+    for r in run_peaks(log=lambda s: None)["peaks"]:
+        if r["kernel"] == "int8 dot (exact)":
+            peaks["avx512-vnni" if r["isa"].startswith("AVX512-VNNI") else "avx2-madd"] = r["gmacs"]
+    timers, meta = {}, {}
+    for name, cin, cout, hw, k, stride, pad in convs:
+        op = QOp("conv2d", name, (1, cin, hw, hw), (cout, cin, k, k), (bits,) * cin, (bits,) * cin,
+                 padding=(pad,) * 4, strides=(stride, stride))
+        for dot, _wino, mcpu, need, mode in WINOGRAD_RUNS:
+            if not need <= hostf:
+                continue
+            target = _target(mcpu)
+            fam = registry.get(dot)
+            o = registry.with_target_knobs(fam, op, target)
+            if fam.cost(o, target) is None:
+                continue
+            timer, exact, _ = _kernel_timer(fam, o, target, rng)
+            timers[(dot, name)], meta[(dot, name)] = timer, (op, exact, mode)
+    med = _interleave(timers, rounds)
+    log(f"ResNet-18 convs at {bits} bits, int8-dot families, medians of {rounds} interleaved rounds, "
+        f"{THREADS} threads; peak: " + ", ".join(f"{m} {2 * g:.0f} GOP/s" for m, g in peaks.items()))
+    log(f"{'conv':14} {'family':16} {'us':>8} {'GOP/s':>7} {'%peak':>6} {'goal':>5} exact")
+    rows = []
+    for (fam, name), t in med.items():
+        op, exact, mode = meta[(fam, name)]
+        gops = 2 * op.macs / t / 1e9
+        pct = 100 * gops / (2 * peaks[mode]) if mode in peaks else float("nan")
+        goal = RESNET_GOALS["3x3" if name.startswith("3x3 @") else "other"]
+        rows.append({"conv": name, "family": fam, "us": t * 1e6, "gops": gops, "pct_peak": pct, "goal": goal,
+                     "exact": exact})
+        log(f"{name:14} {fam:16} {t * 1e6:8.1f} {gops:7.1f} {pct:5.0f}% {goal:4.0f}% {exact}")
+    return rows
+
+
 ATTENTION = [(4, 128, 64, 128, "int8"), (4, 128, 128, 64, "uint8")]  # (heads, m, k, n, a codes)
 
 
@@ -544,8 +605,8 @@ def attention_section(rounds: int, log=print) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer bit widths, no bitplane-ref baseline")
-    ap.add_argument("--sections", default="families,gemv,conv,depthwise,attention,winograd",
-                    help="comma-separated: families, gemv, conv, depthwise, attention, winograd")
+    ap.add_argument("--sections", default="families,gemv,conv,depthwise,attention,winograd,resnet18",
+                    help="comma-separated: families, gemv, conv, depthwise, attention, winograd, resnet18")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the gemv/conv/depthwise tables")
     args = ap.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
@@ -561,6 +622,8 @@ def main(argv=None) -> int:
         attention_section(rounds)
     if "winograd" in sections:
         winograd_section(rounds)
+    if "resnet18" in sections:
+        resnet18_section(rounds)
     if "families" not in sections:
         return 0
     import tvm

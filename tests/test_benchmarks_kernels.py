@@ -24,3 +24,15 @@ def test_attention_section_rows_are_exact():
         for kern in [f"actdot {m_}" for m_ in modes] + generics}
     assert all(r["exact"] and r["us"] > 0 for r in rows)
     assert all(r["x_generic"] == 1.0 for r in rows if r["kernel"].startswith("generic"))
+
+
+def test_resnet18_section_rows_are_exact_and_name_their_goal():
+    lines = []
+    convs = [c for c in kernels.RESNET_CONVS if c[0] in ("1x1/2 14->7", "3x3 @7")]
+    rows = kernels.resnet18_section(rounds=1, log=lines.append, convs=convs)
+    hostf = _isa.host_features()
+    families = {d for d, _w, _m, need, _mode in kernels.WINOGRAD_RUNS if need <= hostf}
+    assert {(r["conv"], r["family"]) for r in rows} == {(c[0], f) for c in convs for f in families}
+    assert all(r["exact"] and r["us"] > 0 and 0 < r["pct_peak"] for r in rows)
+    assert {r["conv"]: r["goal"] for r in rows} == {"1x1/2 14->7": 70.0, "3x3 @7": 85.0}
+    assert any("peak" in line and "GOP/s" in line for line in lines)
