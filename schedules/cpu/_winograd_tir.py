@@ -1,7 +1,8 @@
 """TVMScript of the integer Winograd F(2x2, 3x3) kernel (see :mod:`.winograd`).
 
-Three stages, top to bottom: the input transform into 32-bit words of 4 channels,
-the 16 batched channel reductions on the dot-product micro-kernel, the output
+Three stages, top to bottom: the input transform (the codes re-laid out channels
+last into a padded plane, then ``B^T d B`` on 16 to 64 channel bytes at a time), the
+16 batched channel reductions on the dot-product micro-kernel, the output
 transform and write-back. Small scratch buffers stay under 1 KiB (TVM keeps those
 on the stack, where LLVM promotes them to registers) and are scalar-typed, read and
 written a vector row at a time (``_isa.row``), as in the int8-dot kernel.
@@ -20,11 +21,6 @@ from ._int8dot_tir import clamp_start, split_tile, zero_tile
 tirx = tv.tirx
 
 
-def _vec(base, lanes: int):
-    """Index of ``lanes`` consecutive elements from ``base`` (a scalar index for one)."""
-    return base if lanes == 1 else T.ramp(base, 1, lanes)
-
-
 def build(op, g, mode, lay, knobs, dot, off):
     """``off``: the shift of the transformed activations into u8 (``-min V``)."""
     R, J = knobs["R"], knobs["J"]
@@ -34,15 +30,18 @@ def build(op, g, mode, lay, knobs, dot, off):
     PT, PL, _, _ = g.padding
     TY, TX, NT, CB = lay["ty"], lay["tx"], lay["tiles"], lay["cb"]
     OBT, OP, WD = lay["ob"] // J, lay["op"], mode.w_dtype
-    HP, WP = 2 * TY + 2, 2 * TX + 3  # the zero-padded plane every tile reads from (+1 spare column)
+    CP = CB * KV                 # channels, padded to whole words
+    HP, WP = 2 * TY + 2, 2 * TX + 2  # the zero-padded plane every tile reads from
     XD = op.a_dtype
-    Z = op.a_zero
-    XL = min(VL, 1 << (TX.bit_length() - 1))  # tiles per input-transform vector
-    XI = "int32" if XL == 1 else f"int32x{XL}"
-    XU = "uint32" if XL == 1 else f"uint32x{XL}"
-    CH_PAD = CB * KV != C
+    ZB = op.a_zero & 0xFF        # the zero point's byte (two's complement for signed codes)
+    ZW = _isa.replicate_word(ZB, 8)
+    # byte lanes of the transform: the widest vector that divides the channel bytes
+    CL = max(v for v in (4, 8, 16, 32, 64 if VL == 16 else 32) if CP % v == 0)
+    # pixels per word vector of the plane's rows (channel-plane loads)
+    XP = min(VL, 1 << (min(W, WP - PL).bit_length() - 1))
     ABC = f"{mode.a_dtype}x{VL * KV}"
     WV = f"{mode.w_dtype}x{VL * KV}"
+    BV = f"uint8x{CL}"
     NTB = math.ceil(NT / R)
     NPAR = N * OBT * NTB
     par = _isa.parallel_loop(op)
@@ -50,43 +49,53 @@ def build(op, g, mode, lay, knobs, dot, off):
     FULL_O = OP == O
     copy_rows = min(H, HP - PT)  # input rows inside the padded plane
     copy_cols = min(W, WP - PL)
+    XB = copy_cols // XP * XP    # columns copied a word vector at a time; the rest one by one
 
-    def const_vec(v, dtype=XI):
-        return tirx.const(v, dtype) if XL == 1 else tirx.Broadcast(tirx.const(v, dtype.split("x")[0]), XL)
+    def plane_word(x, n, q, y, x0, lanes):
+        """Words of channels ``4q .. 4q+3`` (the zero point's byte for a padding channel)
+        of ``lanes`` pixels from column ``x0``: one load per channel plane."""
+        ut = "uint32" if lanes == 1 else f"uint32x{lanes}"
+        word = None
+        zb = tirx.const(ZB, "uint32") if lanes == 1 else tirx.Broadcast(tirx.const(ZB, "uint32"), lanes)
+        for k in range(KV):
+            c = q * KV + k  # q is a loop variable: channels past C (padding) read C - 1, then take the zero point
+            if lanes == 1:
+                byte = tirx.Cast(ut, tirx.Cast("uint8", x[n, tirx.min(c, C - 1), y, x0]))
+            else:
+                byte = tirx.Cast(ut, tirx.reinterpret(f"uint8x{lanes}", x.vload(
+                    [n, tirx.min(c, C - 1), y, x0], f"{XD}x{lanes}")))
+            if CP != C:
+                byte = tirx.Select(c < C, byte, zb)
+            if k:
+                sh = tirx.const(8 * k, "uint32")
+                byte = tirx.shift_left(byte, sh if lanes == 1 else tirx.Broadcast(sh, lanes))
+            word = byte if word is None else tirx.bitwise_or(word, byte)
+        return tirx.reinterpret("int32" if lanes == 1 else f"int32x{lanes}", word)
 
-    def tap(xp, n, c, y, x0):
-        """``XL`` activations minus the zero point, every other column from ``x0``: one
-        load of ``2 XL`` (a whole vector: the plane has a spare column) and a shuffle."""
-        if XL == 1:
-            v = xp[n, c, y, x0]
-        else:
-            v = tirx.Shuffle([xp.vload([n, c, y, x0], f"{XD}x{2 * XL}")], [2 * k for k in range(XL)])
-        return tirx.Cast(XI, v) - const_vec(Z)
+    def tap(xb, n, y, x, cc):
+        """``CL`` channel bytes of the plane's pixel ``(y, x)``."""
+        return xb.vload([n, y, x, cc * CL], BV)
 
-    def put(word, v, c, k):
-        """``word`` with byte ``k`` set to ``v + off`` (0 + off for a padding channel)."""
-        if CH_PAD:
-            v = tirx.Select(c < C, v, const_vec(0))
-        u = tirx.Cast(XU, v + const_vec(off))
-        sh = tirx.Cast("uint32", k * 8)
-        return tirx.bitwise_or(word, tirx.shift_left(u, sh if XL == 1 else tirx.Broadcast(sh, XL)))
-
-    def row(buf, k, lanes=XL):
-        return buf[k] if lanes == 1 else _isa.row(buf, k, lanes)
+    def bias(k):
+        """The byte added to transformed value ``k`` of a tile: the shift into u8, and
+        for the one entry of ``B^T 1 B`` that is not 0 (``[1][1] = 4``) the zero
+        point's share, so that the plane may hold raw codes."""
+        return tirx.Broadcast(tirx.const((off - (4 * op.a_zero if k == 5 else 0)) & 0xFF, "uint8"), CL)
 
     @T.macro
-    def column_transform(dst, xp, n, c, y, x0):
-        """Row ``y`` of a tile times ``B``: ``dst[j] = (d B)[j]`` for ``XL`` tiles."""
-        dst[_vec(0 * XL, XL)] = tap(xp, n, c, y, x0) - tap(xp, n, c, y, x0 + 2)
-        dst[_vec(1 * XL, XL)] = tap(xp, n, c, y, x0 + 1) + tap(xp, n, c, y, x0 + 2)
-        dst[_vec(2 * XL, XL)] = tap(xp, n, c, y, x0 + 2) - tap(xp, n, c, y, x0 + 1)
-        dst[_vec(3 * XL, XL)] = tap(xp, n, c, y, x0 + 1) - tap(xp, n, c, y, x0 + 3)
+    def column_transform(dst, xb, n, y, x0, cc):
+        """Row ``y`` of a tile times ``B``, on ``CL`` channel bytes (wrapping byte
+        arithmetic: the true values fit u8 once shifted, so their residues are them)."""
+        dst[T.ramp(0 * CL, 1, CL)] = tap(xb, n, y, x0, cc) - tap(xb, n, y, x0 + 2, cc)
+        dst[T.ramp(1 * CL, 1, CL)] = tap(xb, n, y, x0 + 1, cc) + tap(xb, n, y, x0 + 2, cc)
+        dst[T.ramp(2 * CL, 1, CL)] = tap(xb, n, y, x0 + 2, cc) - tap(xb, n, y, x0 + 1, cc)
+        dst[T.ramp(3 * CL, 1, CL)] = tap(xb, n, y, x0 + 1, cc) - tap(xb, n, y, x0 + 3, cc)
 
     @T.macro
     def micro(acc, i0, rn, vt, wp, n, e, t0, obt):
         for q in range(CB):
             for i in T.unroll(rn):
-                a: T.let = tirx.reinterpret(ABC, tirx.Broadcast(vt[n, e, q, t0 + i0 + i], VL))
+                a: T.let = tirx.reinterpret(ABC, tirx.Broadcast(vt[n, e, t0 + i0 + i, q], VL))
                 for j in T.unroll(J):
                     acc[T.ramp((i * J + j) * VL, 1, VL)] = dot(mode, _isa.row(acc, i * J + j, VL), a,
                                                                wp.vload([e, obt, q, j, 0], WV))
@@ -104,49 +113,49 @@ def build(op, g, mode, lay, knobs, dot, off):
     def main(x: T.Buffer((N, C, H, W), XD), wp: T.Buffer((16, OBT, CB, J, VL * KV), WD),
              corr: T.Buffer((4, OP), "int32"), out: T.Buffer((N, O, OH, OW), "int32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
-        # ---- the padded plane: codes, the zero point around them --------------------------
-        xp = T.alloc_buffer((N, C, HP, WP), XD)
-        for p in par(N * C):
-            for yy, xx in T.grid(HP, WP):
-                xp[p // C, p % C, yy, xx] = T.Cast(XD, Z)
-            for yy, xx in T.grid(copy_rows, copy_cols):
-                xp[p // C, p % C, PT + yy, PL + xx] = x[p // C, p % C, yy, xx]
-        # ---- input transform: V = B^T d B, + off, 4 channels to a word --------------------
-        vt = T.alloc_buffer((N, 16, CB, NT), "int32")
+        # ---- the padded plane, channels last: words of 4 channels' codes, the zero
+        # point around them (and in padding channels) ----------------------------------
+        xc = T.alloc_buffer((N, HP, WP, CB), "int32")
+        xcw = T.decl_buffer((N * HP * WP * CB,), "int32", data=xc.data)
+        for p in par(N * HP):
+            n: T.let = p // HP
+            y: T.let = p % HP - PT
+            row: T.let = p * WP * CB
+            if y < 0 or y >= copy_rows:
+                for u in range(WP * CB):
+                    xcw[row + u] = ZW
+            else:
+                for u in range(PL * CB):
+                    xcw[row + u] = ZW
+                for u in range((WP - PL - copy_cols) * CB):
+                    xcw[row + (PL + copy_cols) * CB + u] = ZW
+                for q, xb in T.grid(CB, XB // XP):
+                    xcw[T.ramp(row + (PL + xb * XP) * CB + q, CB, XP)] = plane_word(x, n, q, y, xb * XP, XP)
+                for q, xx in T.grid(CB, copy_cols - XB):
+                    xcw[row + (PL + XB + xx) * CB + q] = plane_word(x, n, q, y, XB + xx, 1)
+        # ---- input transform: V = B^T d B + off, on channel bytes -------------------------
+        vt = T.alloc_buffer((N, 16, NT, CB), "int32")
+        vb = T.decl_buffer((N, 16, NT, CP), "uint8", data=vt.data)
+        xcb = T.decl_buffer((N, HP, WP, CP), "uint8", data=xc.data)
         for p in par(N * TY):
             n: T.let = p // TY
             ty: T.let = p % TY
-            for q, xb in T.grid(CB, (TX + XL - 1) // XL):
-                tx0: T.let = clamp_start(xb, XL, TX)
-                w0 = T.alloc_buffer((4 * XL,), "int32")
-                w1 = T.alloc_buffer((4 * XL,), "int32")
-                w2 = T.alloc_buffer((4 * XL,), "int32")
-                w3 = T.alloc_buffer((4 * XL,), "int32")
-                wd0 = T.alloc_buffer((4 * XL,), "uint32")
-                wd1 = T.alloc_buffer((4 * XL,), "uint32")
-                wd2 = T.alloc_buffer((4 * XL,), "uint32")
-                wd3 = T.alloc_buffer((4 * XL,), "uint32")
-                for j in T.unroll(4):
-                    wd0[_vec(j * XL, XL)] = const_vec(0, XU)
-                    wd1[_vec(j * XL, XL)] = const_vec(0, XU)
-                    wd2[_vec(j * XL, XL)] = const_vec(0, XU)
-                    wd3[_vec(j * XL, XL)] = const_vec(0, XU)
-                for k in T.unroll(KV):
-                    c: T.let = T.min(q * KV + k, C - 1)
-                    column_transform(w0, xp, n, c, 2 * ty, 2 * tx0)
-                    column_transform(w1, xp, n, c, 2 * ty + 1, 2 * tx0)
-                    column_transform(w2, xp, n, c, 2 * ty + 2, 2 * tx0)
-                    column_transform(w3, xp, n, c, 2 * ty + 3, 2 * tx0)
-                    for j in T.unroll(4):  # B^T (d B): rows of the tile combined
-                        wd0[_vec(j * XL, XL)] = put(row(wd0, j), row(w0, j) - row(w2, j), q * KV + k, k)
-                        wd1[_vec(j * XL, XL)] = put(row(wd1, j), row(w1, j) + row(w2, j), q * KV + k, k)
-                        wd2[_vec(j * XL, XL)] = put(row(wd2, j), row(w2, j) - row(w1, j), q * KV + k, k)
-                        wd3[_vec(j * XL, XL)] = put(row(wd3, j), row(w1, j) - row(w3, j), q * KV + k, k)
-                for j in T.unroll(4):
-                    vt[n, j, q, _vec(ty * TX + tx0, XL)] = T.reinterpret(XI, row(wd0, j))
-                    vt[n, 4 + j, q, _vec(ty * TX + tx0, XL)] = T.reinterpret(XI, row(wd1, j))
-                    vt[n, 8 + j, q, _vec(ty * TX + tx0, XL)] = T.reinterpret(XI, row(wd2, j))
-                    vt[n, 12 + j, q, _vec(ty * TX + tx0, XL)] = T.reinterpret(XI, row(wd3, j))
+            for tx, cc in T.grid(TX, CP // CL):
+                t: T.let = ty * TX + tx
+                w0 = T.alloc_buffer((4 * CL,), "uint8")
+                w1 = T.alloc_buffer((4 * CL,), "uint8")
+                w2 = T.alloc_buffer((4 * CL,), "uint8")
+                w3 = T.alloc_buffer((4 * CL,), "uint8")
+                column_transform(w0, xcb, n, 2 * ty, 2 * tx, cc)
+                column_transform(w1, xcb, n, 2 * ty + 1, 2 * tx, cc)
+                column_transform(w2, xcb, n, 2 * ty + 2, 2 * tx, cc)
+                column_transform(w3, xcb, n, 2 * ty + 3, 2 * tx, cc)
+                for j in T.unroll(4):  # B^T (d B): rows of the tile combined, then shifted
+                    vb[n, j, t, T.ramp(cc * CL, 1, CL)] = _isa.row(w0, j, CL) - _isa.row(w2, j, CL) + bias(0)
+                    vb[n, 4 + j, t, T.ramp(cc * CL, 1, CL)] = _isa.row(w1, j, CL) + _isa.row(w2, j, CL) + T.Select(
+                        j == 1, bias(5), bias(4))
+                    vb[n, 8 + j, t, T.ramp(cc * CL, 1, CL)] = _isa.row(w2, j, CL) - _isa.row(w1, j, CL) + bias(8)
+                    vb[n, 12 + j, t, T.ramp(cc * CL, 1, CL)] = _isa.row(w1, j, CL) - _isa.row(w3, j, CL) + bias(12)
         # ---- 16 channel reductions per tile block, then A^T M A ---------------------------
         for p in par(NPAR):
             n: T.let = p // (OBT * NTB)

@@ -23,11 +23,14 @@ u8 / s8, or whose ``vpmaddubsw`` pair sums could saturate int16 (AVX2).
 
 The kernel (``_winograd_tir.py``), three stages in one PrimFunc:
 
-1. **Input transform**: the codes are copied into a zero-padded plane (padding holds
-   the zero point) covering every tile, then for each row of tiles and each 4
-   channels the 16 transformed values of ``L`` tiles at once (stride-2 vector loads
-   of the padded rows, adds and subtracts) are packed into 32-bit words of 4
-   channels: ``vt[n, e, q, t]`` (position ``e``, channel word ``q``, tile ``t``).
+1. **Input transform**: the codes are re-laid out channels last into a padded
+   plane (words of 4 channels, built from one load per channel plane and 16 or 8
+   pixels; the padding and the padding channels hold the zero point), then for
+   each tile and 16 to 64 channels the 16 transformed values are computed in
+   wrapping byte arithmetic on raw codes: ``V + off`` lies in u8, so its residue
+   mod 256 is the value itself; the zero point's share (``z * B^T 1 B``, non-zero only
+   at position ``[1][1]``, where it is ``4 z``) is folded into that entry's shift.
+   They land as ``vt[n, e, t, q]`` (position ``e``, tile ``t``, channel word ``q``).
 2. **Batched dot products**: a task takes ``R`` consecutive tiles and ``J`` vectors
    of output channels; for each of the 16 positions it runs the int8-dot
    micro-kernel (a broadcast word of 4 channels of a tile against ``J`` weight
