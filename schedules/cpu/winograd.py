@@ -146,13 +146,15 @@ class WinogradFamily:
     """
 
     def __init__(self, name: str, mode: str, need: Sequence[str], macs_per_cycle: float, stream_bytes: float,
-                 transform_cost: float):
+                 transform_cost: float, cache_bytes: int = 1 << 20, cold_bytes: float = 5.6):
         self.name = name
         self.mode_name = mode
         self.need = tuple(need)
         self.macs_per_cycle = macs_per_cycle
         self.stream_bytes = stream_bytes
         self.transform_cost = transform_cost
+        self.cache_bytes = cache_bytes
+        self.cold_bytes = cold_bytes
 
     @property
     def mode(self) -> Mode:
@@ -186,7 +188,12 @@ class WinogradFamily:
     def cost(self, op: QOp, target) -> float | None:
         """The int8-dot families' units: the larger of the 16 reductions' padded MACs at
         the fitted rate and the transformed weights streamed (16/9 of the direct
-        ones), plus the two transforms per tile and channel."""
+        ones), plus the two transforms per tile and channel, plus the transformed
+        weights beyond ``cache_bytes`` at ``cold_bytes`` a unit: inside a model a
+        kernel's weights arrive cold, and a kernel that reads each of them for few
+        tiles (the 7x7 convs: 16 tiles, 3 MB of transformed weights for 384 -> 512
+        channels) waits for them: measured in ResNet-18, 170-280 us against 112 us for
+        the same kernel timed alone."""
         if not self.accepts(op, target):
             return None
         lay = self.layout(op)
@@ -194,7 +201,8 @@ class WinogradFamily:
         macs = tiles * 16 * lay["op"] * lay["cp"]
         weights = 16 * lay["op"] * lay["cp"]
         transforms = tiles * (lay["cp"] + lay["op"]) * self.transform_cost
-        return float(max(macs / self.macs_per_cycle, weights / self.stream_bytes) + transforms)
+        cold = max(0, weights - self.cache_bytes) / self.cold_bytes
+        return float(max(macs / self.macs_per_cycle, weights / self.stream_bytes) + transforms + cold)
 
     # ---- layout and knobs ------------------------------------------------------
     def layout(self, op: QOp) -> dict:
@@ -278,13 +286,13 @@ class WinogradFamily:
 # Rates on the int8-dot families' scale, fitted to the kernel's times on ResNet-18's
 # low-bit 3x3 groups (48 -> 64 channels at 56x56 to 384 -> 512 at 7x7, 2 and 4 bits,
 # 2 threads, untuned; ``benchmarks.kernels --sections winograd``, Sapphire Rapids
-# host): VNNI ~91 MACs a unit in the reductions and ~18 units per tile and channel
-# for the transforms: it never beats the int8-dot kernel (at 115 MACs a unit, 86-94 %
-# of the vpdpbusd peak) on those layers, at best ties it at 14x14. AVX2 (a haswell
-# build on the same host): ~30 MACs a unit, ~16 units per tile and channel: 1.3-1.4x
-# faster than the int8-dot kernel at 28x28 to 7x7, slower at 56x56, where the
-# transforms of 784 tiles cost more than the multiplies they save.
+# host). VNNI, with the input transform on channel bytes: ~86 MACs a unit in the
+# reductions and ~6 units per tile and channel for the transforms: 1.04x the
+# int8-dot kernel's speed at 56x56 (a tie the model leaves to int8-dot), 1.07x at
+# 28x28, 1.31x at 14x14, 1.16x at 7x7. AVX2 (a haswell build on the same host, fitted
+# before the byte transform, which only makes it faster): ~30 MACs a unit, ~16 units
+# per tile and channel: 1.3-1.4x faster than the int8-dot kernel at 28x28 to 7x7.
 AVX512_WINOGRAD = WinogradFamily("x86-avx512-winograd", "avx512-vnni", ["avx512f", "avx512bw", "avx512vnni"],
-                                 macs_per_cycle=91.0, stream_bytes=17.0, transform_cost=18.0)
+                                 macs_per_cycle=86.0, stream_bytes=17.0, transform_cost=6.0)
 AVX2_WINOGRAD = WinogradFamily("x86-avx2-winograd", "avx2-madd", ["avx2"], macs_per_cycle=30.0, stream_bytes=9.0,
                                transform_cost=16.0)
