@@ -289,10 +289,11 @@ class WinogradFamily:
 # host). VNNI, with the input transform on channel bytes: ~86 MACs a unit in the
 # reductions and ~6 units per tile and channel for the transforms: 1.04x the
 # int8-dot kernel's speed at 56x56 (a tie the model leaves to int8-dot), 1.07x at
-# 28x28, 1.31x at 14x14, 1.16x at 7x7. AVX2 (a haswell build on the same host, fitted
-# before the byte transform, which only makes it faster): ~30 MACs a unit, ~16 units
-# per tile and channel: 1.3-1.4x faster than the int8-dot kernel at 28x28 to 7x7.
+# 28x28, 1.31x at 14x14, 1.16x at 7x7. AVX2 (a haswell build on the same host): ~36
+# MACs a unit, ~9 units per tile and channel: 1.16x the int8-dot kernel's speed at
+# 56x56, 1.5-1.7x from 28x28 down. Both pay for cold transformed weights beyond
+# 1 MiB (see ``WinogradFamily.cost``).
 AVX512_WINOGRAD = WinogradFamily("x86-avx512-winograd", "avx512-vnni", ["avx512f", "avx512bw", "avx512vnni"],
                                  macs_per_cycle=86.0, stream_bytes=17.0, transform_cost=6.0)
-AVX2_WINOGRAD = WinogradFamily("x86-avx2-winograd", "avx2-madd", ["avx2"], macs_per_cycle=30.0, stream_bytes=9.0,
-                               transform_cost=16.0)
+AVX2_WINOGRAD = WinogradFamily("x86-avx2-winograd", "avx2-madd", ["avx2"], macs_per_cycle=36.0, stream_bytes=9.0,
+                               transform_cost=9.0)
