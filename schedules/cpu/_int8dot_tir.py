@@ -78,6 +78,42 @@ def pick(i, values):
     return e
 
 
+def rowbuf_writeback(vl: int, j: int, og: int, check_o: bool):
+    """The write-back of a task's finished output pixels: ``rowbuf[pixel, J * VL]``
+    (channels last) to ``outp[n, c0 + channel, p0 + pixel]`` (NCHW, pixels of a plane
+    flattened) for ``span`` pixels, with ``VL x VL`` register transposes: one vector
+    store per channel and ``VL`` pixels (the last block overlaps its neighbour). A
+    span below a vector is written element by element. Channel blocks start at
+    ``cb0``; with ``check_o`` the channels past ``og`` (padding) are dropped."""
+    hv = vl // 2
+    transpose = _isa.transposer(vl)
+
+    @T.macro
+    def writeback(outp, rowbuf, n, c0, cb0, p0, span):
+        if span >= vl:
+            for xb, jj in T.grid((span + vl - 1) // vl, j):
+                x0: T.let = clamp_start(xb, vl, span)
+                t0 = T.alloc_buffer((hv * vl,), "int32")
+                t1 = T.alloc_buffer((hv * vl,), "int32")
+                t2 = T.alloc_buffer((hv * vl,), "int32")
+                t3 = T.alloc_buffer((hv * vl,), "int32")
+                for k in T.unroll(hv):
+                    t0[T.ramp(k * vl, 1, vl)] = rowbuf[x0 + k, T.ramp(jj * vl, 1, vl)]
+                    t1[T.ramp(k * vl, 1, vl)] = rowbuf[x0 + hv + k, T.ramp(jj * vl, 1, vl)]
+                transpose(t0, t1, t2, t3)
+                for k in T.unroll(hv):
+                    if not check_o or (cb0 + jj) * vl + k < og:
+                        outp[n, c0 + (cb0 + jj) * vl + k, T.ramp(p0 + x0, 1, vl)] = _isa.row(t0, k, vl)
+                    if not check_o or (cb0 + jj) * vl + hv + k < og:
+                        outp[n, c0 + (cb0 + jj) * vl + hv + k, T.ramp(p0 + x0, 1, vl)] = _isa.row(t1, k, vl)
+        else:
+            for lane, xx in T.grid(j * vl, span):
+                if cb0 * vl + lane < og:
+                    outp[n, c0 + cb0 * vl + lane, p0 + xx] = rowbuf[xx, lane]
+
+    return writeback
+
+
 def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     """``off``: the shift into the operand's range; ``fill``: the operand value of a
     padding pixel, the shifted zero point (``off`` when the zero point is 0).
@@ -108,7 +144,6 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     R, J = knobs["R"], knobs["J"]
     RA, RB = split_tile(R)
     VL, KV = mode.vl, mode.kv
-    HV = VL // 2
     AD, WD = mode.a_dtype, mode.w_dtype
     CB, CGP, TC, OB, OGP = lay["cb"], lay["cgp"], lay["tc"], lay["ob"], lay["ogp"]
     NCH = CB // TC
@@ -155,7 +190,7 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     x_shape = tuple(op.x_shape)
     out_shape = tuple(op.out_shape)
     wp_shape = (G, OB // J, KH, 1 if TAPS else KW, CB, J, VL * KV)  # a tile's J weight vectors are adjacent
-    transpose = _isa.transposer(VL)
+    writeback = rowbuf_writeback(VL, J, OG, CHECK_O)
     # re-layout vectors: XL pixels of one word each; TL x TL blocks transposed when
     # a group has at least 8 words per pixel (8 or 16: with 4-lane blocks TVM's
     # CompactBufferAllocation fails, "Divide by zero" in its region bound)
@@ -469,31 +504,9 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
             # ---- the finished output row, channels-last -> NCHW: VL x VL transposes ----
             if ROWBUF:
                 outp = T.decl_buffer((N, O, OH * OW), "int32", data=out.data)
-                p0: T.let = (p % NRG) * SPAN
                 bo: T.let = (p // NRG) % OBT
-                bg: T.let = (p // (NRG * OBT)) % G
-                bn: T.let = p // (NRG * OBT * G)
-                if SPAN >= VL:
-                    for xb, j in T.grid((SPAN + VL - 1) // VL, J):
-                        x0: T.let = clamp_start(xb, VL, SPAN)
-                        t0 = T.alloc_buffer((HV * VL,), "int32")
-                        t1 = T.alloc_buffer((HV * VL,), "int32")
-                        t2 = T.alloc_buffer((HV * VL,), "int32")
-                        t3 = T.alloc_buffer((HV * VL,), "int32")
-                        for k in T.unroll(HV):
-                            t0[T.ramp(k * VL, 1, VL)] = rowbuf[x0 + k, T.ramp(j * VL, 1, VL)]
-                            t1[T.ramp(k * VL, 1, VL)] = rowbuf[x0 + HV + k, T.ramp(j * VL, 1, VL)]
-                        transpose(t0, t1, t2, t3)
-                        for k in T.unroll(HV):
-                            if not CHECK_O or (bo * J + j) * VL + k < OG:
-                                outp[bn, bg * OG + (bo * J + j) * VL + k, T.ramp(p0 + x0, 1, VL)] = _isa.row(t0, k, VL)
-                            if not CHECK_O or (bo * J + j) * VL + HV + k < OG:
-                                outp[bn, bg * OG + (bo * J + j) * VL + HV + k, T.ramp(p0 + x0, 1, VL)] = _isa.row(
-                                    t1, k, VL)
-                else:
-                    for lane, xx in T.grid(J * VL, SPAN):
-                        if bo * J * VL + lane < OG:
-                            outp[bn, bg * OG + bo * J * VL + lane, p0 + xx] = rowbuf[xx, lane]
+                writeback(outp, rowbuf, p // (NRG * OBT * G), (p // (NRG * OBT)) % G * OG, bo * J,
+                          (p % NRG) * SPAN, SPAN)
 
     if GROUPS:
         @T.prim_func

@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 from soniq_tvm import tvm_shim as tv
 
 from . import _isa
-from ._int8dot_tir import clamp_start, split_tile, zero_tile
+from ._int8dot_tir import clamp_start, rowbuf_writeback, split_tile, zero_tile
 
 tirx = tv.tirx
 
@@ -42,11 +42,17 @@ def build(op, g, mode, lay, knobs, dot, off):
     ABC = f"{mode.a_dtype}x{VL * KV}"
     WV = f"{mode.w_dtype}x{VL * KV}"
     BV = f"uint8x{CL}"
-    NTB = math.ceil(NT / R)
-    NPAR = N * OBT * NTB
+    # a task: the tiles of RT rows of tiles (TPT tiles, in micro-tiles of R) for J
+    # vectors of output channels, its output pixels gathered channels last in a row
+    # buffer and written to NCHW with register transposes (2 RT output rows: where the
+    # image is narrow, enough for a vector of pixels and a full micro-tile)
+    RT, TPT = lay["rt"], lay["tpt"]
+    TRG = math.ceil(TY / RT)
+    NXB = math.ceil(TPT / R)
+    NPAR = N * OBT * TRG
+    SPAN = 2 * RT * OW
+    writeback = rowbuf_writeback(VL, J, O, OP != O)
     par = _isa.parallel_loop(op)
-    INTERLEAVE = [k // 2 + (k % 2) * VL for k in range(2 * VL)]  # y0[0] y1[0] y0[1] y1[1] ...
-    FULL_O = OP == O
     copy_rows = min(H, HP - PT)  # input rows inside the padded plane
     copy_cols = min(W, WP - PL)
     XB = copy_cols // XP * XP    # columns copied a word vector at a time; the rest one by one
@@ -156,45 +162,52 @@ def build(op, g, mode, lay, knobs, dot, off):
                         j == 1, bias(5), bias(4))
                     vb[n, 8 + j, t, T.ramp(cc * CL, 1, CL)] = _isa.row(w2, j, CL) - _isa.row(w1, j, CL) + bias(8)
                     vb[n, 12 + j, t, T.ramp(cc * CL, 1, CL)] = _isa.row(w1, j, CL) - _isa.row(w3, j, CL) + bias(12)
-        # ---- 16 channel reductions per tile block, then A^T M A ---------------------------
+        # ---- 16 channel reductions per micro-tile, then A^T M A into the row buffer --------
         for p in par(NPAR):
-            n: T.let = p // (OBT * NTB)
-            obt: T.let = (p // NTB) % OBT
-            t0: T.let = clamp_start(p % NTB, R, NT)
+            n: T.let = p // (OBT * TRG)
+            obt: T.let = (p // TRG) % OBT
+            ty0: T.let = (p % TRG) * RT
+            rowbuf = T.alloc_buffer((SPAN, J * VL), "int32")
             mloc = T.alloc_buffer((16 * R * J * VL,), "int32")
-            for e in range(16):
-                acc0 = T.alloc_buffer((RA * J * VL,), "int32")
-                acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
-                zero_tile(acc0, acc1, RA * J, RB * J, VL)
-                micro(acc0, 0, RA, vt, wp, n, e, t0, obt)
-                micro(acc1, RA, RB, vt, wp, n, e, t0, obt)
-                keep(mloc, acc0, 0, RA, e)
-                keep(mloc, acc1, RA, RB, e)
-            for i in range(R):
-                t: T.let = t0 + i
-                oy: T.let = (t // TX) * 2
-                ox: T.let = (t % TX) * 2
-                for j in T.unroll(J):
-                    oc: T.let = (obt * J + j) * VL
-                    pb = T.alloc_buffer((8 * VL,), "int32")
-                    yb = T.alloc_buffer((4 * VL,), "int32")
-                    for b in T.unroll(4):  # A^T M
-                        pb[T.ramp(b * VL, 1, VL)] = mrow(mloc, b, i, j) + mrow(mloc, 4 + b, i, j) + mrow(
-                            mloc, 8 + b, i, j)
-                        pb[T.ramp((4 + b) * VL, 1, VL)] = mrow(mloc, 4 + b, i, j) - mrow(mloc, 8 + b, i, j) - mrow(
-                            mloc, 12 + b, i, j)
-                    for r in T.unroll(2):  # (A^T M) A, the offset's share removed, / 4; pixels interleaved
-                        yb[T.ramp(2 * r * VL, 1, 2 * VL)] = T.Shuffle([T.shift_right(
-                            _isa.row(pb, 4 * r, VL) + _isa.row(pb, 4 * r + 1, VL) + _isa.row(pb, 4 * r + 2, VL)
-                            - corr[2 * r, T.ramp(oc, 1, VL)], _isa.splat(2, VL)), T.shift_right(
-                            _isa.row(pb, 4 * r + 1, VL) - _isa.row(pb, 4 * r + 2, VL) - _isa.row(pb, 4 * r + 3, VL)
-                            - corr[2 * r + 1, T.ramp(oc, 1, VL)], _isa.splat(2, VL))], INTERLEAVE)
-                    if (FULL_O or oc + VL <= O) and oy + 1 < OH and ox + 1 < OW:
-                        for lane, dy in T.grid(VL, 2):  # a whole tile: two pixels a store
-                            out[n, oc + lane, oy + dy, T.ramp(ox, 1, 2)] = yb[T.ramp((dy * VL + lane) * 2, 1, 2)]
-                    else:
-                        for lane, dy, dx in T.grid(VL, 2, 2):
-                            if oc + lane < O and oy + dy < OH and ox + dx < OW:
-                                out[n, oc + lane, oy + dy, ox + dx] = yb[(dy * VL + lane) * 2 + dx]
+            tfirst: T.let = ty0 * TX  # the task's tiles: [tfirst, tend)
+            tend: T.let = T.min(ty0 + RT, TY) * TX
+            for xb in range(NXB):
+                if tfirst + xb * R < tend:
+                    # the last micro-tile of the image moves back to end at its last tile;
+                    # tiles of another task it recomputes are not kept
+                    t0: T.let = T.min(tfirst + xb * R, NT - R)
+                    for e in range(16):
+                        acc0 = T.alloc_buffer((RA * J * VL,), "int32")
+                        acc1 = T.alloc_buffer((max(RB, 1) * J * VL,), "int32")
+                        zero_tile(acc0, acc1, RA * J, RB * J, VL)
+                        micro(acc0, 0, RA, vt, wp, n, e, t0, obt)
+                        micro(acc1, RA, RB, vt, wp, n, e, t0, obt)
+                        keep(mloc, acc0, 0, RA, e)
+                        keep(mloc, acc1, RA, RB, e)
+                    for i in range(R):
+                        if t0 + i >= tfirst and t0 + i < tend:
+                            tl: T.let = t0 + i - tfirst
+                            tx: T.let = tl % TX
+                            pix: T.let = 2 * (tl // TX) * OW + 2 * tx  # the tile's top-left pixel in the buffer
+                            for j in T.unroll(J):
+                                oc: T.let = (obt * J + j) * VL
+                                pb = T.alloc_buffer((8 * VL,), "int32")
+                                for b in T.unroll(4):  # A^T M
+                                    pb[T.ramp(b * VL, 1, VL)] = mrow(mloc, b, i, j) + mrow(mloc, 4 + b, i, j) + mrow(
+                                        mloc, 8 + b, i, j)
+                                    pb[T.ramp((4 + b) * VL, 1, VL)] = mrow(mloc, 4 + b, i, j) - mrow(
+                                        mloc, 8 + b, i, j) - mrow(mloc, 12 + b, i, j)
+                                for r in T.unroll(2):  # (A^T M) A, the offset's share removed, / 4
+                                    rowbuf[pix + r * OW, T.ramp(j * VL, 1, VL)] = T.shift_right(
+                                        _isa.row(pb, 4 * r, VL) + _isa.row(pb, 4 * r + 1, VL)
+                                        + _isa.row(pb, 4 * r + 2, VL) - corr[2 * r, T.ramp(oc, 1, VL)],
+                                    _isa.splat(2, VL))
+                                    if OW % 2 == 0 or 2 * tx + 1 < OW:  # an odd width's last tile is half outside
+                                        rowbuf[pix + r * OW + 1, T.ramp(j * VL, 1, VL)] = T.shift_right(
+                                            _isa.row(pb, 4 * r + 1, VL) - _isa.row(pb, 4 * r + 2, VL)
+                                            - _isa.row(pb, 4 * r + 3, VL) - corr[2 * r + 1, T.ramp(oc, 1, VL)],
+                                            _isa.splat(2, VL))
+            outp = T.decl_buffer((N, O, OH * OW), "int32", data=out.data)
+            writeback(outp, rowbuf, n, 0, obt * J, 2 * ty0 * OW, (T.min(2 * (ty0 + RT), OH) - 2 * ty0) * OW)
 
     return main

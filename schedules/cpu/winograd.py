@@ -31,12 +31,15 @@ The kernel (``_winograd_tir.py``), three stages in one PrimFunc:
    mod 256 is the value itself; the zero point's share (``z * B^T 1 B``, non-zero only
    at position ``[1][1]``, where it is ``4 z``) is folded into that entry's shift.
    They land as ``vt[n, e, t, q]`` (position ``e``, tile ``t``, channel word ``q``).
-2. **Batched dot products**: a task takes ``R`` consecutive tiles and ``J`` vectors
-   of output channels; for each of the 16 positions it runs the int8-dot
-   micro-kernel (a broadcast word of 4 channels of a tile against ``J`` weight
-   vectors) over the channel words, into a task-local ``M`` block.
+2. **Batched dot products**: a task takes the tiles of one or more rows of tiles
+   (enough for a vector of output pixels) and ``J`` vectors of output channels; for
+   each micro-tile of ``R`` tiles of a row and each of the 16 positions it runs the
+   int8-dot micro-kernel (a broadcast word of 4 channels of a tile against ``J``
+   weight vectors) over the channel words, into a task-local ``M`` block.
 3. **Output transform**: ``A^T M A`` on whole vectors of output channels, the
-   correction subtracted first, the shift, and the 2x2 pixels written to NCHW.
+   correction subtracted first, the shift; the 2x2 pixels go to a channels-last row
+   buffer (one vector store per pixel), written to NCHW with the int8-dot kernel's
+   register transposes (one vector store per channel and 16 or 8 pixels).
 
 Modes: AVX-512 VNNI ``vpdpbusd`` and AVX2 ``vpmaddubsw`` + ``vpmaddwd`` (the int8-dot
 family's instruction sequences). The numpy twin of the arithmetic is
@@ -139,6 +142,32 @@ def winograd_reference(x: np.ndarray, w: np.ndarray, op: QOp) -> np.ndarray:
     return y[:, :, : g.oh, : g.ow]
 
 
+_R_FULL = {16: 12, 8: 4}  # tiles of a micro-tile with J = 2, by vector lanes
+
+
+def _micro_r(tpt: int, vl: int) -> int:
+    """The default micro-tile: at most the full one, all of a task's of one size."""
+    return math.ceil(tpt / math.ceil(tpt / _R_FULL[vl]))
+
+
+def _rows_per_task(ty: int, tx: int, ow: int, vl: int) -> int:
+    """Rows of tiles per task: at least enough output pixels for a vector store per
+    channel (2 rows of pixels per row of tiles); among those, the count that computes
+    the fewest tiles (a short last task recomputes some of its neighbour's) with
+    micro-tiles near full (below 8 tiles, each one less costs ~5 %), the fewest rows
+    on a tie (more tasks)."""
+    best = None
+    for rt in range(max(1, min(ty, math.ceil(vl / (2 * ow)))), ty + 1):
+        tpt = rt * tx
+        r = _micro_r(tpt, vl)
+        full, last = divmod(ty, rt)
+        computed = full * math.ceil(tpt / r) * r + (math.ceil(last * tx / r) * r if last else 0)
+        score = computed * (1 + 0.05 * max(0, 8 - r))
+        if best is None or score < best[0] - 1e-9:
+            best = (score, rt)
+    return best[1]
+
+
 class WinogradFamily:
     """Integer Winograd F(2x2, 3x3) on one ISA's dot-product instructions.
 
@@ -211,29 +240,30 @@ class WinogradFamily:
         ty, tx = math.ceil(g.oh / 2), math.ceil(g.ow / 2)
         cb = math.ceil(g.c / m.kv)
         ob = math.ceil(g.o / m.vl)
-        return {"ty": ty, "tx": tx, "tiles": ty * tx, "cb": cb, "cp": cb * m.kv, "ob": ob, "op": ob * m.vl}
+        rt = _rows_per_task(ty, tx, g.ow, m.vl)
+        return {"ty": ty, "tx": tx, "tiles": ty * tx, "cb": cb, "cp": cb * m.kv, "ob": ob, "op": ob * m.vl,
+                "rt": rt, "tpt": rt * tx}
 
     def knob_space(self, op: QOp, target=None) -> dict[str, list]:
         lay = self.layout(op)
         js = [j for j in (1, 2, 4) if lay["ob"] % j == 0]
-        rs = [r for r in (2, 4, 6, 8, 12, 14, 16) if r <= lay["tiles"]] or [lay["tiles"]]
+        rs = [r for r in (2, 4, 6, 8, 12, 14, 16) if r <= lay["tpt"]] or [lay["tpt"]]
         return {"R": rs, "J": js}
 
     def default_knobs(self, op: QOp) -> dict:
         lay = self.layout(op)
         j = 2 if lay["ob"] % 2 == 0 else 1
-        r = 12 if self.mode.vl == 16 else 4  # 24 (12) of 32 (16) registers hold accumulators
-        if j == 1:
+        if j == 1:  # 28 (14) of 32 (16) registers hold accumulators
             r = 14 if self.mode.vl == 16 else 6
-        blocks = math.ceil(lay["tiles"] / r)  # as many tiles per block as keeps them all equal
-        return {"R": math.ceil(lay["tiles"] / blocks), "J": j}
+            return {"R": math.ceil(lay["tpt"] / math.ceil(lay["tpt"] / r)), "J": 1}
+        return {"R": _micro_r(lay["tpt"], self.mode.vl), "J": j}  # 24 (12) of 32 (16) registers
 
     def knobs(self, op: QOp) -> dict:
         k = self.default_knobs(op)
         k.update({key: int(v) for key, v in (op.knobs or {}).items() if key in ("R", "J")})
         lay = self.layout(op)
-        if not (1 <= k["R"] <= lay["tiles"] and k["J"] >= 1 and lay["ob"] % k["J"] == 0):
-            raise ValueError(f"{self.name}: knobs {k} invalid for {op.layer} ({lay['tiles']} tiles, "
+        if not (1 <= k["R"] <= lay["tpt"] and k["J"] >= 1 and lay["ob"] % k["J"] == 0):
+            raise ValueError(f"{self.name}: knobs {k} invalid for {op.layer} ({lay['tpt']} tiles a task, "
                              f"{lay['ob']} channel blocks)")
         if (k["R"] + 1) // 2 * k["J"] * self.mode.vl * 4 >= 1024:
             raise ValueError(f"{self.name}: tile R={k['R']} J={k['J']} exceeds the 1 KiB register buffers")

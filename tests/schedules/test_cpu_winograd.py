@@ -197,17 +197,29 @@ def test_zero_points(zero):
 
 
 @needs_vnni
-@pytest.mark.parametrize("knobs", [{"R": 1, "J": 1}, {"R": 5, "J": 2}, {"R": 16, "J": 1}, {"R": 3, "J": 4}])
+@pytest.mark.parametrize("knobs", [{"R": 1, "J": 1}, {"R": 5, "J": 2}, {"R": 12, "J": 1}, {"R": 3, "J": 4},
+                                   {"R": 7, "J": 2}])
 def test_vnni_tiles(knobs):
     check(AVX512_WINOGRAD, conv(x=(1, 16, 10, 11), o=64, ab=2, wb=2).with_(knobs=knobs), HOST_T)
+
+
+@needs_vnni
+def test_micro_tiles_across_tasks():
+    """Tasks of a few rows of tiles each; micro-tiles of 7 tiles do not divide a task's
+    tiles, so some reach into the next task (those tiles are not kept) and the image's
+    last one moves back into its neighbour's."""
+    op = conv(x=(1, 16, 30, 29), o=32, ab=2, wb=2)
+    lay = AVX512_WINOGRAD.layout(op)
+    assert lay["rt"] < lay["ty"] and lay["tpt"] % 7 and lay["tiles"] % lay["tpt"]
+    check(AVX512_WINOGRAD, op.with_(knobs={"R": 7, "J": 2}), HOST_T)
 
 
 def test_knobs_outside_the_space_are_refused():
     op = conv(x=(1, 16, 10, 11), o=32)
     with pytest.raises(ValueError, match="invalid"):
-        AVX512_WINOGRAD.knobs(op.with_(knobs={"R": 31}))  # 30 tiles
+        AVX512_WINOGRAD.knobs(op.with_(knobs={"R": 31}))  # a task holds all 5 rows of 6 tiles
     with pytest.raises(ValueError, match="1 KiB"):
-        AVX512_WINOGRAD.knobs(op.with_(knobs={"R": 16, "J": 2}))
+        AVX512_WINOGRAD.knobs(conv(x=(1, 16, 40, 40), o=32).with_(knobs={"R": 16, "J": 2}))
     space = AVX512_WINOGRAD.knob_space(op)
     assert space["J"] == [1, 2] and max(space["R"]) <= 30
 
