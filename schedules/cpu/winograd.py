@@ -316,14 +316,13 @@ class WinogradFamily:
 # Rates on the int8-dot families' scale, fitted to the kernel's times on ResNet-18's
 # low-bit 3x3 groups (48 -> 64 channels at 56x56 to 384 -> 512 at 7x7, 2 and 4 bits,
 # 2 threads, untuned; ``benchmarks.kernels --sections winograd``, Sapphire Rapids
-# host). VNNI, with the input transform on channel bytes: ~86 MACs a unit in the
-# reductions and ~6 units per tile and channel for the transforms: 1.04x the
-# int8-dot kernel's speed at 56x56 (a tie the model leaves to int8-dot), 1.07x at
-# 28x28, 1.31x at 14x14, 1.16x at 7x7. AVX2 (a haswell build on the same host): ~36
-# MACs a unit, ~9 units per tile and channel: 1.16x the int8-dot kernel's speed at
-# 56x56, 1.5-1.7x from 28x28 down. Both pay for cold transformed weights beyond
-# 1 MiB (see ``WinogradFamily.cost``).
+# host), the input transform on channel bytes and the output through the row buffer.
+# VNNI: ~76 MACs a unit in the reductions and ~3 units per tile and channel for the
+# transforms: 1.27x the int8-dot kernel's speed at 56x56, 1.35x at 28x28, 1.22x at
+# 14x14, 1.07x at 7x7. AVX2 (a haswell build on the same host): ~36 MACs a unit,
+# ~7.5 units per tile and channel: 1.25x at 56x56, 1.56-1.73x below. Both pay for
+# cold transformed weights beyond 1 MiB (see ``WinogradFamily.cost``).
 AVX512_WINOGRAD = WinogradFamily("x86-avx512-winograd", "avx512-vnni", ["avx512f", "avx512bw", "avx512vnni"],
-                                 macs_per_cycle=86.0, stream_bytes=17.0, transform_cost=6.0)
+                                 macs_per_cycle=76.0, stream_bytes=17.0, transform_cost=3.0)
 AVX2_WINOGRAD = WinogradFamily("x86-avx2-winograd", "avx2-madd", ["avx2"], macs_per_cycle=36.0, stream_bytes=9.0,
-                               transform_cost=9.0)
+                               transform_cost=7.5)
