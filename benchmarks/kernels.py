@@ -417,6 +417,18 @@ def depthwise_section(rounds: int, log=print) -> list[dict]:
     return rows
 
 
+def int8_peaks() -> dict[str, float]:
+    """GMAC/s of the exact int8 dot primitive (``benchmarks.peak``, 2 threads), keyed
+    by mode: ``avx512-vnni`` where the host has it, ``avx2-madd``."""
+    from .peak import run_peaks
+
+    peaks = {}
+    for r in run_peaks(log=lambda s: None)["peaks"]:
+        if r["kernel"] == "int8 dot (exact)":
+            peaks["avx512-vnni" if r["isa"].startswith("AVX512-VNNI") else "avx2-madd"] = r["gmacs"]
+    return peaks
+
+
 RESNET_3X3 = [(64, 56), (128, 28), (256, 14), (512, 7)]  # ResNet-18's stride-1 3x3 convs: (channels, size)
 WINOGRAD_RUNS = [("x86-avx512-vnni", "x86-avx512-winograd", None, {"avx512f", "avx512bw", "avx512vnni"}, "avx512-vnni"),
                  ("x86-avx2-dot", "x86-avx2-winograd", AVX2_CPU, {"avx2"}, "avx2-madd")]
@@ -432,14 +444,9 @@ def winograd_section(rounds: int, log=print, widths=((2, 2), (4, 4)), low: float
     from soniq_tvm.schedules import registry
     from soniq_tvm.schedules.cpu import _isa
 
-    from .peak import run_peaks
-
     hostf = _isa.host_features()
     rng = np.random.default_rng(0)
-    peaks = {}
-    for r in run_peaks(log=lambda s: None)["peaks"]:
-        if r["kernel"] == "int8 dot (exact)":
-            peaks["avx512-vnni" if r["isa"].startswith("AVX512-VNNI") else "avx2-madd"] = r["gmacs"]
+    peaks = int8_peaks()
     timers, meta = {}, {}
     for (c, hw), (wb, ab) in itertools.product(RESNET_3X3, widths):
         cin = int(c * low)
@@ -491,14 +498,9 @@ def resnet18_section(rounds: int, log=print, bits: int = 8, convs=RESNET_CONVS) 
     from soniq_tvm.schedules import registry
     from soniq_tvm.schedules.cpu import _isa
 
-    from .peak import run_peaks
-
     hostf = _isa.host_features()
     rng = np.random.default_rng(0)
-    peaks = {}
-    for r in run_peaks(log=lambda s: None)["peaks"]:
-        if r["kernel"] == "int8 dot (exact)":
-            peaks["avx512-vnni" if r["isa"].startswith("AVX512-VNNI") else "avx2-madd"] = r["gmacs"]
+    peaks = int8_peaks()
     timers, meta = {}, {}
     for name, cin, cout, hw, k, stride, pad in convs:
         op = QOp("conv2d", name, (1, cin, hw, hw), (cout, cin, k, k), (bits,) * cin, (bits,) * cin,

@@ -65,27 +65,30 @@ def _node(model, name):
     return next(n for n in model.graph.node if n.name == name)
 
 
+def _set_prop(props, key, value):
+    """Set (or with value None, drop) one key of a metadata_props list."""
+    keep = [(p.key, p.value) for p in props if p.key != key]
+    if value is not None:
+        keep.append((key, value))
+    del props[:]
+    for k, v in keep:
+        props.add(key=k, value=v)
+
+
 def _meta(model, node, key, value):
     """Set (or with value None, drop) one annotation key of a node; the model-level
     map is dropped so the node's own annotation is what the reader sees."""
-    n = _node(model, node)
-    keep = [(p.key, p.value) for p in n.metadata_props if p.key != key]
-    if value is not None:
-        keep.append((key, value))
-    del n.metadata_props[:]
-    for k, v in keep:
-        n.metadata_props.add(key=k, value=v)
-    _model_meta(model, "soniq.quant_map", None)
-    return model
+    _set_prop(_node(model, node).metadata_props, key, value)
+    return _model_meta(model, "soniq.quant_map", None)
+
+
+def _annotated(node, key, value):
+    """Compiling the catalog's model with one annotation key of ``node`` changed."""
+    return lambda e: _compile(_meta(e.model(), node, key, value))
 
 
 def _model_meta(model, key, value):
-    keep = [(p.key, p.value) for p in model.metadata_props if p.key != key]
-    if value is not None:
-        keep.append((key, value))
-    del model.metadata_props[:]
-    for k, v in keep:
-        model.metadata_props.add(key=k, value=v)
+    _set_prop(model.metadata_props, key, value)
     return model
 
 
@@ -214,30 +217,20 @@ CATALOG: list[Entry] = [
      lambda e: _compile(_dynamic(e.model()))),
     ("float8-quantization", "file", UnsupportedModelError, "float8", lambda e: _compile(_float8_model())),
     # -- annotations --------------------------------------------------------------------
-    ("bits-not-json", "annotation", AnnotationError, W_DQ,
-     lambda e: _compile(_meta(e.model(), W_DQ, "soniq.bits", "[2, 8,"))),
-    ("bits-empty", "annotation", AnnotationError, W_DQ,
-     lambda e: _compile(_meta(e.model(), W_DQ, "soniq.bits", "[]"))),
-    ("bits-not-integers", "annotation", AnnotationError, W_DQ,
-     lambda e: _compile(_meta(e.model(), W_DQ, "soniq.bits", "[2.5, 8, 2, 8]"))),
-    ("bits-count-wrong", "annotation", AnnotationError, W_DQ,
-     lambda e: _compile(_meta(e.model(), W_DQ, "soniq.bits", "[2, 8, 2]"))),
-    ("bits-zero", "annotation", AnnotationError, "channel 0",
-     lambda e: _compile(_meta(e.model(), W_DQ, "soniq.bits", "[0, 8, 2, 8]"))),
-    ("bits-nine", "annotation", AnnotationError, "channel 2",
-     lambda e: _compile(_meta(e.model(), A_DQ, "soniq.bits", "[2, 8, 9, 8]"))),
-    ("signed-not-flag", "annotation", AnnotationError, W_DQ,
-     lambda e: _compile(_meta(e.model(), W_DQ, "soniq.signed", "yes"))),
-    ("axis-not-integer", "annotation", AnnotationError, W_DQ,
-     lambda e: _compile(_meta(e.model(), W_DQ, "soniq.axis", "one"))),
-    ("axis-out-of-range", "annotation", AnnotationError, W_DQ,
-     lambda e: _compile(_meta(e.model(), W_DQ, "soniq.axis", "7"))),
-    ("bits-without-axis", "annotation", AnnotationError, A_DQ,
-     lambda e: _compile(_meta(e.model(), A_DQ, "soniq.axis", None))),
+    ("bits-not-json", "annotation", AnnotationError, W_DQ, _annotated(W_DQ, "soniq.bits", "[2, 8,")),
+    ("bits-empty", "annotation", AnnotationError, W_DQ, _annotated(W_DQ, "soniq.bits", "[]")),
+    ("bits-not-integers", "annotation", AnnotationError, W_DQ, _annotated(W_DQ, "soniq.bits", "[2.5, 8, 2, 8]")),
+    ("bits-count-wrong", "annotation", AnnotationError, W_DQ, _annotated(W_DQ, "soniq.bits", "[2, 8, 2]")),
+    ("bits-zero", "annotation", AnnotationError, "channel 0", _annotated(W_DQ, "soniq.bits", "[0, 8, 2, 8]")),
+    ("bits-nine", "annotation", AnnotationError, "channel 2", _annotated(A_DQ, "soniq.bits", "[2, 8, 9, 8]")),
+    ("signed-not-flag", "annotation", AnnotationError, W_DQ, _annotated(W_DQ, "soniq.signed", "yes")),
+    ("axis-not-integer", "annotation", AnnotationError, W_DQ, _annotated(W_DQ, "soniq.axis", "one")),
+    ("axis-out-of-range", "annotation", AnnotationError, W_DQ, _annotated(W_DQ, "soniq.axis", "7")),
+    ("bits-without-axis", "annotation", AnnotationError, A_DQ, _annotated(A_DQ, "soniq.axis", None)),
     ("weight-outside-width", "annotation", AnnotationError, "channel 0",
      lambda e: _compile(_init(e.model(), "conv1.w", lambda w: _set(w, (0, 0, 0, 0), 7)))),
     ("activation-contradicts-clamp", "annotation", AnnotationError, "channel 0",
-     lambda e: _compile(_meta(e.model(), A_DQ, "soniq.bits", "[8, 8, 2, 8]"))),
+     _annotated(A_DQ, "soniq.bits", "[8, 8, 2, 8]")),
     ("format-from-the-future", "annotation", AnnotationError, "soniq-qdq/9",
      lambda e: _compile(_model_meta(e.model(), "soniq.format", "soniq-qdq/9"))),
     ("quant-map-not-json", "annotation", AnnotationError, "soniq.quant_map",

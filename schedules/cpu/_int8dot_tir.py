@@ -69,6 +69,21 @@ def zero_tile(acc0, acc1, n0, n1, lanes):
         acc1[T.ramp(u * lanes, 1, lanes)] = _isa.zeros("int32", lanes)
 
 
+@T.macro
+def fill_row(buf, row, words, border, value, left, inner):
+    """A re-laid-out row of ``words`` 32-bit words from ``row``: all ``value`` (a
+    padding row, ``border`` true), else the ``left`` words before the ``inner`` ones
+    and those after them."""
+    if border:
+        for u in range(words):
+            buf[row + u] = value
+    else:
+        for u in range(left):
+            buf[row + u] = value
+        for u in range(words - left - inner):
+            buf[row + left + inner + u] = value
+
+
 def pick(i, values):
     """``values[i]`` for a loop variable ``i`` of an unrolled loop (a Select chain the
     simplifier folds to the constant once ``i`` is)."""
@@ -396,27 +411,22 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
                     row: T.let = p * WP * CTW
                     if GROUPS:
                         relayout_groups(xw, x, cols, fillw, meta, n, sy, row)
-                    elif sy < 0 or sy >= H:
-                        for u in range(WP * CTW):
-                            xw[row + u] = OFFW
                     else:
-                        for u in range(PL * CTW):
-                            xw[row + u] = OFFW
-                        for u in range((WP - PL - XW) * CTW):
-                            xw[row + (PL + XW) * CTW + u] = OFFW
-                        if TL > 0:  # TL x TL blocks of words, transposed
-                            for gg, qb, xb in T.grid(G, (CB + TL - 1) // TL, (XW + TL - 1) // TL):
-                                x0: T.let = clamp_start(xb, TL, XW)
-                                word_block(xw, row, gg * CB, clamp_start(qb, TL, CB), x0,
-                                           functools.partial(words, x, n, sy, x0 * SX, gg))
-                        elif XL > 1:  # few words per pixel: store each word vector strided
-                            for gg, q, xb in T.grid(G, CB, (XW + XL - 1) // XL):
-                                x0: T.let = clamp_start(xb, XL, XW)
-                                xw[T.ramp(row + (PL + x0) * CTW + gg * CB + q, CTW, XL)] = words(
-                                    x, n, sy, x0 * SX, gg, q, XL)
-                        else:
-                            for gg, q, xx in T.grid(G, CB, XW):
-                                xw[row + (PL + xx) * CTW + gg * CB + q] = words(x, n, sy, xx * SX, gg, q, 1)
+                        fill_row(xw, row, WP * CTW, sy < 0 or sy >= H, OFFW, PL * CTW, XW * CTW)
+                        if sy >= 0 and sy < H:
+                            if TL > 0:  # TL x TL blocks of words, transposed
+                                for gg, qb, xb in T.grid(G, (CB + TL - 1) // TL, (XW + TL - 1) // TL):
+                                    x0: T.let = clamp_start(xb, TL, XW)
+                                    word_block(xw, row, gg * CB, clamp_start(qb, TL, CB), x0,
+                                               functools.partial(words, x, n, sy, x0 * SX, gg))
+                            elif XL > 1:  # few words per pixel: store each word vector strided
+                                for gg, q, xb in T.grid(G, CB, (XW + XL - 1) // XL):
+                                    x0: T.let = clamp_start(xb, XL, XW)
+                                    xw[T.ramp(row + (PL + x0) * CTW + gg * CB + q, CTW, XL)] = words(
+                                        x, n, sy, x0 * SX, gg, q, XL)
+                            else:
+                                for gg, q, xx in T.grid(G, CB, XW):
+                                    xw[row + (PL + xx) * CTW + gg * CB + q] = words(x, n, sy, xx * SX, gg, q, 1)
         else:
             xs = T.decl_buffer((1, 1, M, C), XD, data=x.data)
         # ---- tiled micro-kernel ---------------------------------------------------------

@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 from soniq_tvm import tvm_shim as tv
 
 from . import _isa
-from ._int8dot_tir import clamp_start, rowbuf_writeback, split_tile, zero_tile
+from ._int8dot_tir import clamp_start, fill_row, rowbuf_writeback, split_tile, zero_tile
 
 tirx = tv.tirx
 
@@ -55,7 +55,7 @@ def build(op, g, mode, lay, knobs, dot, off):
     par = _isa.parallel_loop(op)
     copy_rows = min(H, HP - PT)  # input rows inside the padded plane
     copy_cols = min(W, WP - PL)
-    XB = copy_cols // XP * XP    # columns copied a word vector at a time; the rest one by one
+    XB = copy_cols // XP * XP if XP > 1 else 0  # columns copied a word vector at a time; the rest one by one
 
     def plane_word(x, n, q, y, x0, lanes):
         """Words of channels ``4q .. 4q+3`` (the zero point's byte for a padding channel)
@@ -127,16 +127,11 @@ def build(op, g, mode, lay, knobs, dot, off):
             n: T.let = p // HP
             y: T.let = p % HP - PT
             row: T.let = p * WP * CB
-            if y < 0 or y >= copy_rows:
-                for u in range(WP * CB):
-                    xcw[row + u] = ZW
-            else:
-                for u in range(PL * CB):
-                    xcw[row + u] = ZW
-                for u in range((WP - PL - copy_cols) * CB):
-                    xcw[row + (PL + copy_cols) * CB + u] = ZW
-                for q, xb in T.grid(CB, XB // XP):
-                    xcw[T.ramp(row + (PL + xb * XP) * CB + q, CB, XP)] = plane_word(x, n, q, y, xb * XP, XP)
+            fill_row(xcw, row, WP * CB, y < 0 or y >= copy_rows, ZW, PL * CB, copy_cols * CB)
+            if y >= 0 and y < copy_rows:
+                if XP > 1:
+                    for q, xb in T.grid(CB, XB // XP):
+                        xcw[T.ramp(row + (PL + xb * XP) * CB + q, CB, XP)] = plane_word(x, n, q, y, xb * XP, XP)
                 for q, xx in T.grid(CB, copy_cols - XB):
                     xcw[row + (PL + XB + xx) * CB + q] = plane_word(x, n, q, y, XB + xx, 1)
         # ---- input transform: V = B^T d B + off, on channel bytes -------------------------

@@ -255,8 +255,12 @@ def test_cost_prefers_packed_weights_for_low_bit_gemv():
     assert registry.select(gemv(2, 8, k=4096, n=4096), ZNVER3).name == "x86-avx2-lut"  # AVX2: pshufb beats madd
     assert registry.select(gemv(1, 1, k=4096, n=4096), ICELAKE).name == "cpu-bitserial"
     conv = dict(x=(1, 64, 56, 56), w=(64, 64, 3, 3), padding=(1, 1, 1, 1))
-    assert registry.select(make_op("conv2d", 4, 4, **conv), ICELAKE).name == "x86-avx512-vnni"  # compute-bound: tie
-    assert registry.select(make_op("conv2d", 2, 4, **conv), ZNVER3).name == "x86-avx2-dot"
+    # compute-bound convs: no packed-weight family; 3x3 stride 1 at <= 4 bits: integer Winograd
+    assert registry.select(make_op("conv2d", 4, 4, **conv), ICELAKE).name == "x86-avx512-winograd"
+    assert registry.select(make_op("conv2d", 2, 4, **conv), ZNVER3).name == "x86-avx2-winograd"
+    strided = dict(conv, strides=(2, 2))
+    assert registry.select(make_op("conv2d", 4, 4, **strided), ICELAKE).name == "x86-avx512-vnni"
+    assert registry.select(make_op("conv2d", 2, 4, **strided), ZNVER3).name == "x86-avx2-dot"
     dense = gemv(8, 8, k=4096, n=4096)
     vnni, lowbit = registry.get("x86-avx512-vnni"), registry.get("x86-avx512-lowbit")
     assert vnni.cost(dense, ICELAKE) > 2 * lowbit.cost(gemv(2, 8, k=4096, n=4096), ICELAKE)

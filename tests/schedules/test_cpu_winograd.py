@@ -158,6 +158,8 @@ SHAPES = [  # (id, conv kwargs)
     ("c3-o40", dict(x=(1, 3, 12, 12), o=40)),
     ("resnet-7x7", dict(x=(1, 64, 7, 7), o=32)),
     ("wide-row", dict(x=(1, 12, 4, 70), o=17)),
+    # found by tests/fuzz: one input column in the plane built a 1-lane vector store
+    ("one-column", dict(x=(1, 6, 5, 1), o=8, padding=(1, 1, 1, 1))),
 ]
 
 
