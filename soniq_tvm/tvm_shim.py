@@ -10,6 +10,8 @@ Importing this module imports the TVM compiler; the runtime-only loader
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tvm
 from tvm import relax, te, tirx, topi  # noqa: F401  (re-exported)
@@ -124,3 +126,17 @@ def cpu_pipeline_stages(target):
 
     return (cpu.library_dispatch_passes(target), cpu.legalize_passes(target),
             cpu.dataflow_lower_passes(target), cpu.finalize_passes(target))
+
+
+@contextlib.contextmanager
+def global_func_override(name: str, fn):
+    """TVM's global function ``name`` replaced by ``fn`` while the block runs."""
+    import tvm_ffi
+
+    old = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, fn, override=True)
+    try:
+        yield
+    finally:
+        if old is not None:
+            tvm_ffi.register_global_func(name, old, override=True)

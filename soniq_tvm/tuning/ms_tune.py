@@ -103,6 +103,8 @@ def tune_ms(tasks, target, measurer, db, fp, machine, budget: int, *, seed: int 
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
+    from .. import tvm_shim as tv
+
     if budget <= 0 or not tasks:
         return 0
     strategy = "evolutionary" if cost_model == "xgb" else "replay-trace"
@@ -142,7 +144,10 @@ def tune_ms(tasks, target, measurer, db, fp, machine, budget: int, *, seed: int 
                 stopped[0] = True
                 raise StopTuning()
 
-    with no_tensor_intrin_import():
+    # MetaSchedule prints its statistics as a pandas table when it runs under Jupyter
+    # (pandas is no dependency of ours): keep it to its text table, which the quiet
+    # loggers drop
+    with no_tensor_intrin_import(), tv.global_func_override("s_tir.meta_schedule.using_ipython", lambda: False):
         contexts = [
             ms.TuneContext(mod=tvm.IRModule(dict(t.mod.functions)), target=target, task_name=t.name, rand_state=seed + i, num_threads="physical",
                            space_generator=ms.space_generator.PostOrderApply(

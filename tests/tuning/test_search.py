@@ -150,3 +150,21 @@ def test_tune_measures_the_fake_family_knobs(tmp_path, model_path, fake_families
     again = soniq_tvm.tune(model_path, "llvm", str(db), trials=40, ms_trials=0, progress=False, split="always",
                            measure=MeasureConfig(**FAST))
     assert again.measured == 0 and again.resumed == r.measured  # nothing left to do
+
+
+def test_metaschedule_statistics_stay_text_under_jupyter():
+    """Under Jupyter MetaSchedule prints its statistics as a pandas table, and pandas
+    is no dependency: tune_ms answers 'not IPython' through this override while it
+    runs. Tutorial 03 tunes MetaSchedule tasks inside a Jupyter kernel: it is the
+    end-to-end check (it crashed with "No module named 'pandas'" before)."""
+    import tvm  # noqa: F401  (registers MetaSchedule's global functions)
+    import tvm.s_tir.meta_schedule  # noqa: F401
+    import tvm_ffi
+
+    from soniq_tvm import tvm_shim as tv
+
+    name = "s_tir.meta_schedule.using_ipython"
+    before = tvm_ffi.get_global_func(name)()
+    with tv.global_func_override(name, lambda: True):
+        assert tvm_ffi.get_global_func(name)() is True
+    assert tvm_ffi.get_global_func(name)() == before
