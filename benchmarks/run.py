@@ -138,7 +138,8 @@ def bench_model(name: str, args, workdir: Path, soniq_budget: BuildBudget,
                 add(Row(label, f"ORT MatMulNBits {bits}-bit", note=f"n/a: {failure(exc)}"))
     if "soniq" in wanted:
         ctx = SoniqContext(bm, x, calib, workdir, args.repeats, args.warmup, args.peer_budget_s,
-                           cache_dir=args.cache_dir, build_budget=soniq_budget)
+                           cache_dir=args.cache_dir, build_budget=soniq_budget,
+                           only=tuple(args.variants.split(",")) if args.variants else None)
         for row in soniq_variants(name, ctx):
             row.model = label
             add(row)
@@ -200,6 +201,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(models.MODEL_NAMES),
                    help=f"comma-separated subset of {','.join(models.MODEL_NAMES)}")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated parts of the soniq rows' names to run (e.g. 'steps/tensor,uniform'; "
+                        "default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per peer (default 100, quick 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
     p.add_argument("--tvm-repeats", type=int, default=3,

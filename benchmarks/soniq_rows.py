@@ -56,10 +56,12 @@ VARIANTS = (
 )
 
 
-def variants_for(model_name: str) -> list[SoniqVariant]:
-    """The variants run on ``model_name`` (``"resnet18 (tiny)"`` counts as resnet18)."""
+def variants_for(model_name: str, only: tuple[str, ...] | None = None) -> list[SoniqVariant]:
+    """The variants run on ``model_name`` (``"resnet18 (tiny)"`` counts as resnet18);
+    ``only``: just those whose name contains one of these strings."""
     base = model_name.split()[0]
-    return [v for v in VARIANTS if not v.models or base in v.models]
+    return [v for v in VARIANTS if (not v.models or base in v.models)
+            and (only is None or any(o in v.name for o in only))]
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ class SoniqContext:
     budget_s: float | None
     cache_dir: Path | None = None  # annotated files kept across runs (exporting is slow)
     build_budget: "BuildBudget | None" = None
+    only: tuple[str, ...] | None = None  # variant name parts to run (None: all)
 
 
 @dataclasses.dataclass
@@ -189,11 +192,11 @@ def soniq_variants(model_name: str, ctx: SoniqContext | None = None) -> list[Row
         compile_fn = _compiler()
     except Exception as exc:  # noqa: BLE001 - any failure means "not available yet"
         note = f"n/a: soniq_tvm.compile unavailable ({failure(exc)})"
-        return [Row(model_name, v.name, note=note) for v in variants_for(model_name)]
+        return [Row(model_name, v.name, note=note) for v in variants_for(model_name, ctx and ctx.only)]
     if ctx is None:
         return [Row(model_name, v.name, note="n/a: no model context given") for v in variants_for(model_name)]
     rows = []
-    for variant in variants_for(model_name):
+    for variant in variants_for(model_name, ctx.only):
         try:
             rows.append(_one_variant(model_name, variant, ctx, compile_fn))
         except Exception as exc:  # noqa: BLE001 - a failing variant must not stop the run

@@ -385,3 +385,93 @@ assert 0 < low < 1
 """)
 nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 nbf.write(nb, str(__import__("pathlib").Path(__file__).with_name("02_qat_to_deployment.ipynb")))
+
+# ---- 04: against the peers -------------------------------------------------------------------
+cells = []
+md("""
+# soniq-tvm against its peers
+
+**You will learn** how the compiled SONIQ models compare with PyTorch, ONNX Runtime fp32
+and ONNX Runtime INT8 in latency and model size, measured by the project's own
+benchmark harness (`benchmarks/`, the code behind `benchmarks/RESULTS.md`): every peer
+runs in one process, interleaved rounds pair each soniq row with ORT INT8, and every
+row's outputs are compared with its reference.
+
+The models are the benchmark's **tiny** ResNet-18 and BERT (the full ones take minutes);
+the shapes of the figures, not their values, carry over: see `benchmarks/RESULTS.md` for
+full-size runs. Timings on a shared 2-core machine are noisy.
+""")
+code("""
+import pathlib, sys, tempfile
+import numpy as np
+import soniq_tvm
+
+repo = pathlib.Path(soniq_tvm.__file__).resolve().parents[1]  # benchmarks/ lives beside the package
+sys.path.insert(0, str(repo))
+from benchmarks.run import run
+
+work = pathlib.Path(tempfile.mkdtemp())
+results = run(["--quick", "--models", "resnet18,bert", "--peers", "torch,ort_fp32,ort_int8,soniq",
+               "--variants", "steps/tensor,{1,4},uniform", "--repeats", "15", "--pair-rounds", "5",
+               "--workdir", str(work), "--no-cache", "--out", str(work / "results.json")],
+              log=lambda line: None)
+print(results["table"])
+rows = [r for r in results["rows"] if r["timing"]]
+assert {r["model"] for r in rows} == {"resnet18 (tiny)", "bert (tiny)"}
+""")
+md("""
+## Latency
+
+Median milliseconds per batch-1 inference, 2 threads. The soniq rows are exact against
+ONNX Runtime running their own file (the agreement column above).
+""")
+code("""
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
+for ax, model in zip(axes, ["resnet18 (tiny)", "bert (tiny)"]):
+    mine = [r for r in rows if r["model"] == model]
+    ax.barh([r["variant"] for r in mine], [r["timing"]["median_ms"] for r in mine],
+            color=["tab:orange" if r["variant"].startswith("soniq") else "tab:gray" for r in mine])
+    ax.set_title(model); ax.set_xlabel("median ms"); ax.invert_yaxis()
+fig.tight_layout()
+plt.show()
+for r in rows:
+    if r["variant"].startswith("soniq"):
+        assert r["agreement"]["match_fraction"] >= 0.99 or "{1,4}" in r["variant"], r  # {1,4}: fp32 drift in ORT
+        print(f"{r['model']:16} {r['variant']:36} x ORT INT8 paired {r['paired_ort_int8']:.2f}")
+""")
+md("""
+## Model size
+
+Weight bytes as each peer stores them: fp32 (the exported file), ONNX Runtime's INT8 QDQ
+file (one byte per weight), and the soniq files' weights packed at their real widths
+(`inspect(..., family="bitplane-ref")`: bit-planes, what the narrow kernels keep; the
+int8-dot kernels the compiler picks for speed on this CPU keep a byte per weight).
+""")
+code("""
+import os
+
+sizes = {}
+for model in ("resnet18", "bert"):
+    sizes[(model, "fp32 ONNX")] = os.path.getsize(work / f"{model}_tiny.onnx")
+    sizes[(model, "ORT INT8 QDQ")] = os.path.getsize(work / f"{model}_tiny_ort_int8.onnx")
+    for f in sorted(work.glob(f"{model}_tiny*soniq*.onnx")):
+        plan = soniq_tvm.inspect(str(f), family="bitplane-ref")
+        sizes[(model, f.stem.split("soniq_")[-1] + " packed")] = plan.bytes_after
+fig, axes = plt.subplots(1, 2, figsize=(12, 3))
+for ax, model in zip(axes, ("resnet18", "bert")):
+    items = [(k[1], v / 1024) for k, v in sizes.items() if k[0] == model]
+    ax.barh([k for k, _ in items], [v for _, v in items]); ax.set_title(f"{model} (tiny)")
+    ax.set_xlabel("KiB"); ax.invert_yaxis()
+fig.tight_layout()
+plt.show()
+for (model, what), b in sizes.items():
+    print(f"{model:9} {what:28} {b / 1024:9.1f} KiB")
+packed = [b for (m, w), b in sizes.items() if "packed" in w and "uniform" not in w and "2-8_0" not in w]
+assert packed and all(b < sizes[("resnet18", "fp32 ONNX")] for b in packed)
+""")
+nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+nbf.write(nb, str(__import__("pathlib").Path(__file__).with_name("04_peers.ipynb")))
