@@ -24,7 +24,10 @@ md("""
 
 A tiny CNN: a quantized input, a 3x3 conv whose 12 input channels are split 75 % at
 2 bits and 25 % at 8 bits (weights *tied* to their input channel, as SONIQ trains them),
-a ReLU, and a second conv reading 4-bit / 8-bit unsigned activations.
+a ReLU, and a second conv reading 4-bit / 8-bit unsigned activations. Each precision
+group of an activation has its own quantization step (a coarse one for the narrow
+channels, a fine one for the 8-bit ones), as SONIQ's QAT exports them; the compiler
+runs a layer's step groups in one kernel.
 """)
 code("""
 rng = np.random.default_rng(0)
@@ -32,12 +35,15 @@ b = QDQBuilder("tutorial_cnn")
 x = b.input("x", [1, 12, 16, 16])
 
 bits1 = choose_bits(12, palette=(2, 8), low_fraction=0.75, rng=1)
-xq = b.quant_act(x, scale=0.25, bits=bits1, signed=True)
+# one activation step per precision group, as SONIQ's QAT exports: coarse for 2 bits, fine for 8
+step1 = np.where(np.array(bits1) == 2, 0.5, 0.02).astype(np.float32)
+xq = b.quant_act(x, scale=step1, bits=bits1, signed=True)
 w1, s1 = quantize_weights(rng.standard_normal((16, 12, 3, 3)), bits1, axis=1)
 y = b.node("Relu", [b.conv(xq, w1, s1, bits1, w_axis=1, pads=(1, 1, 1, 1))])
 
 bits2 = choose_bits(16, palette=(4, 8), low_fraction=0.5, rng=2)
-yq = b.quant_act(y, scale=0.5, bits=bits2, signed=False)
+step2 = np.where(np.array(bits2) == 4, 0.4, 0.03).astype(np.float32)
+yq = b.quant_act(y, scale=step2, bits=bits2, signed=False)
 w2, s2 = quantize_weights(rng.standard_normal((8, 16, 3, 3)), bits2, axis=1)
 b.output(b.conv(yq, w2, s2, bits2, w_axis=1, pads=(1, 1, 1, 1)), "out")
 model = b.build()
