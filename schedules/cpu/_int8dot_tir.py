@@ -70,18 +70,14 @@ def zero_tile(acc0, acc1, n0, n1, lanes):
 
 
 @T.macro
-def fill_row(buf, row, words, border, value, left, inner):
-    """A re-laid-out row of ``words`` 32-bit words from ``row``: all ``value`` (a
-    padding row, ``border`` true), else the ``left`` words before the ``inner`` ones
-    and those after them."""
-    if border:
-        for u in range(words):
-            buf[row + u] = value
-    else:
-        for u in range(left):
-            buf[row + u] = value
-        for u in range(words - left - inner):
-            buf[row + left + inner + u] = value
+def fill_row(buf, row, words, fill, left, inner):
+    """The padding of a re-laid-out row of ``words`` 32-bit words from ``row``: the
+    ``left`` words before its ``inner`` ones and those after them hold ``fill(u)``
+    (``u``: the word's place in the row); a padding row: ``left = words``."""
+    for u in range(left):
+        buf[row + u] = fill(u)
+    for u in range(words - left - inner):
+        buf[row + left + inner + u] = fill(left + inner + u)
 
 
 def pick(i, values):
@@ -213,23 +209,10 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     TL = min(XL, 1 << ((MAXCB if GROUPS else CB).bit_length() - 1))
     TL = TL if TL >= 8 else 0
     relayout_transpose = _isa.transposer(TL) if TL else None
-    UA = f"uint{ABITS}"
     CH_PAD = CB * KV != CG  # some words hold padding channels
 
     def xs_word(xs, n, yy, xx, c):
         return _isa.bcast_word(xs.vload([n, yy, xx, c], AW), VL, ABC)
-
-    def to_words(elems, lanes):
-        """The 32-bit words (``lanes`` of them) whose ``KV`` fields hold ``elems``."""
-        w = None
-        for i, e in enumerate(elems):
-            u = tirx.Cast("uint32" if lanes == 1 else f"uint32x{lanes}",
-                          tirx.reinterpret(UA if lanes == 1 else f"{UA}x{lanes}", e))
-            if i:
-                u = tirx.shift_left(u, tirx.const(i * ABITS, "uint32") if lanes == 1
-                                    else tirx.Broadcast(tirx.const(i * ABITS, "uint32"), lanes))
-            w = u if w is None else tirx.bitwise_or(w, u)
-        return tirx.reinterpret("int32" if lanes == 1 else f"int32x{lanes}", w)
 
     def shifted(x, n, ch, sy, sx, lanes, by, valid, pad):
         """Channel ``ch`` at ``lanes`` pixels from ``sx`` (``SX`` apart) plus ``by``, as
@@ -245,16 +228,16 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
         """The 32-bit words of channels ``gg*CG + q*KV ..`` (shifted by ``off``, one
         operand element each) at ``lanes`` input pixels ``sx, sx + SX, ...``; padding
         channels read the group's last one, then hold ``fill``."""
-        return to_words([shifted(x, n, gg * CG + (tirx.min(q * KV + i, CG - 1) if CH_PAD else q * KV + i), sy, sx,
+        return _isa.pack_words([shifted(x, n, gg * CG + (tirx.min(q * KV + i, CG - 1) if CH_PAD else q * KV + i), sy, sx,
                                  lanes, off, q * KV + i < CG if CH_PAD else None, tirx.const(fill, AD))
-                         for i in range(KV)], lanes)
+                         for i in range(KV)], lanes, AD)
 
     def gwords(x, cols, meta, gq, n, sy, sx, q, lanes):
         """:func:`words` of scale group ``gq``'s word ``q`` (its channels gathered
         through ``cols``, its own offset and fill)."""
-        return to_words([shifted(x, n, cols[meta[gq, 0] + tirx.min(q * KV + i, meta[gq, 1] - 1)], sy, sx, lanes,
+        return _isa.pack_words([shifted(x, n, cols[meta[gq, 0] + tirx.min(q * KV + i, meta[gq, 1] - 1)], sy, sx, lanes,
                                  meta[gq, 4], q * KV + i < meta[gq, 1], tirx.Cast(AD, meta[gq, 5]))
-                         for i in range(KV)], lanes)
+                         for i in range(KV)], lanes, AD)
 
     @T.macro
     def word_block(xw, row, w0, q0, x0, word_of):
@@ -277,13 +260,9 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
     def relayout_groups(xw, x, cols, fillw, meta, n, sy, row):
         """One padded input row of the scale groups' words (``row``: its first word)."""
         if sy < 0 or sy >= H:
-            for u in range(WP * CTW):
-                xw[row + u] = fillw[u % CTW]
+            fill_row(xw, row, WP * CTW, lambda u: fillw[u % CTW], WP * CTW, 0)
         else:
-            for u in range(PL * CTW):
-                xw[row + u] = fillw[u % CTW]
-            for u in range((WP - PL - XW) * CTW):
-                xw[row + (PL + XW) * CTW + u] = fillw[u % CTW]
+            fill_row(xw, row, WP * CTW, lambda u: fillw[u % CTW], PL * CTW, XW * CTW)
             for gq in range(NG):
                 w0: T.let = meta[gq, 2] // KV
                 cbg: T.let = meta[gq, 3]
@@ -411,22 +390,23 @@ def build(op, g, mode, lay, knobs, dot, off, fill=None, groups=None):
                     row: T.let = p * WP * CTW
                     if GROUPS:
                         relayout_groups(xw, x, cols, fillw, meta, n, sy, row)
+                    elif sy < 0 or sy >= H:
+                        fill_row(xw, row, WP * CTW, lambda u: OFFW, WP * CTW, 0)
                     else:
-                        fill_row(xw, row, WP * CTW, sy < 0 or sy >= H, OFFW, PL * CTW, XW * CTW)
-                        if sy >= 0 and sy < H:
-                            if TL > 0:  # TL x TL blocks of words, transposed
-                                for gg, qb, xb in T.grid(G, (CB + TL - 1) // TL, (XW + TL - 1) // TL):
-                                    x0: T.let = clamp_start(xb, TL, XW)
-                                    word_block(xw, row, gg * CB, clamp_start(qb, TL, CB), x0,
-                                               functools.partial(words, x, n, sy, x0 * SX, gg))
-                            elif XL > 1:  # few words per pixel: store each word vector strided
-                                for gg, q, xb in T.grid(G, CB, (XW + XL - 1) // XL):
-                                    x0: T.let = clamp_start(xb, XL, XW)
-                                    xw[T.ramp(row + (PL + x0) * CTW + gg * CB + q, CTW, XL)] = words(
-                                        x, n, sy, x0 * SX, gg, q, XL)
-                            else:
-                                for gg, q, xx in T.grid(G, CB, XW):
-                                    xw[row + (PL + xx) * CTW + gg * CB + q] = words(x, n, sy, xx * SX, gg, q, 1)
+                        fill_row(xw, row, WP * CTW, lambda u: OFFW, PL * CTW, XW * CTW)
+                        if TL > 0:  # TL x TL blocks of words, transposed
+                            for gg, qb, xb in T.grid(G, (CB + TL - 1) // TL, (XW + TL - 1) // TL):
+                                x0: T.let = clamp_start(xb, TL, XW)
+                                word_block(xw, row, gg * CB, clamp_start(qb, TL, CB), x0,
+                                           functools.partial(words, x, n, sy, x0 * SX, gg))
+                        elif XL > 1:  # few words per pixel: store each word vector strided
+                            for gg, q, xb in T.grid(G, CB, (XW + XL - 1) // XL):
+                                x0: T.let = clamp_start(xb, XL, XW)
+                                xw[T.ramp(row + (PL + x0) * CTW + gg * CB + q, CTW, XL)] = words(
+                                    x, n, sy, x0 * SX, gg, q, XL)
+                        else:
+                            for gg, q, xx in T.grid(G, CB, XW):
+                                xw[row + (PL + xx) * CTW + gg * CB + q] = words(x, n, sy, xx * SX, gg, q, 1)
         else:
             xs = T.decl_buffer((1, 1, M, C), XD, data=x.data)
         # ---- tiled micro-kernel ---------------------------------------------------------

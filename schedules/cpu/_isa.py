@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from soniq_tvm import tvm_shim as tv
 
 __all__ = ["features", "is_x86", "is_aarch64", "host_features", "bcast_word", "pmaddubsw", "pmaddwd", "adds16",
@@ -133,6 +135,23 @@ def strided_load(buf, index: list, dtype: str, lanes: int, stride: int):
         return buf.vload(index, f"{dtype}x{lanes}" if lanes > 1 else dtype)
     span = buf.vload(index, f"{dtype}x{(lanes - 1) * stride + 1}")
     return tirx.Shuffle([span], [k * stride for k in range(lanes)])
+
+
+def pack_words(elems, lanes: int, dtype: str):
+    """The 32-bit words (``lanes`` of them, int32) whose fields hold ``elems`` (of the
+    integer ``dtype``, e.g. ``int8``: 4 fields; the first in the lowest field)."""
+    bits = np.dtype(dtype).itemsize * 8
+    ut = "uint32" if lanes == 1 else f"uint32x{lanes}"
+    ft = f"uint{bits}" if lanes == 1 else f"uint{bits}x{lanes}"
+    word = None
+    for i, e in enumerate(elems):
+        # an unsigned element is widened as it is (TVM refuses a same-type reinterpret of a constant)
+        u = tirx.Cast(ut, e if dtype.startswith("u") else tirx.reinterpret(ft, e))
+        if i:
+            sh = tirx.const(i * bits, "uint32")
+            u = tirx.shift_left(u, sh if lanes == 1 else tirx.Broadcast(sh, lanes))
+        word = u if word is None else tirx.bitwise_or(word, u)
+    return tirx.reinterpret("int32" if lanes == 1 else f"int32x{lanes}", word)
 
 
 def replicate_word(value: int, bits: int) -> int:

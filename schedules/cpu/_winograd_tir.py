@@ -33,12 +33,13 @@ def build(op, g, mode, lay, knobs, dot, off):
     CP = CB * KV                 # channels, padded to whole words
     HP, WP = 2 * TY + 2, 2 * TX + 2  # the zero-padded plane every tile reads from
     XD = op.a_dtype
-    ZB = op.a_zero & 0xFF        # the zero point's byte (two's complement for signed codes)
-    ZW = _isa.replicate_word(ZB, 8)
+    ZW = _isa.replicate_word(op.a_zero, 8)  # the zero point in each byte of a word
+    copy_rows = min(H, HP - PT)  # input rows inside the padded plane
+    copy_cols = min(W, WP - PL)
     # byte lanes of the transform: the widest vector that divides the channel bytes
     CL = max(v for v in (4, 8, 16, 32, 64 if VL == 16 else 32) if CP % v == 0)
     # pixels per word vector of the plane's rows (channel-plane loads)
-    XP = min(VL, 1 << (min(W, WP - PL).bit_length() - 1))
+    XP = min(VL, 1 << (copy_cols.bit_length() - 1))
     ABC = f"{mode.a_dtype}x{VL * KV}"
     WV = f"{mode.w_dtype}x{VL * KV}"
     BV = f"uint8x{CL}"
@@ -53,30 +54,23 @@ def build(op, g, mode, lay, knobs, dot, off):
     SPAN = 2 * RT * OW
     writeback = rowbuf_writeback(VL, J, O, OP != O)
     par = _isa.parallel_loop(op)
-    copy_rows = min(H, HP - PT)  # input rows inside the padded plane
-    copy_cols = min(W, WP - PL)
     XB = copy_cols // XP * XP if XP > 1 else 0  # columns copied a word vector at a time; the rest one by one
 
     def plane_word(x, n, q, y, x0, lanes):
         """Words of channels ``4q .. 4q+3`` (the zero point's byte for a padding channel)
         of ``lanes`` pixels from column ``x0``: one load per channel plane."""
-        ut = "uint32" if lanes == 1 else f"uint32x{lanes}"
-        word = None
-        zb = tirx.const(ZB, "uint32") if lanes == 1 else tirx.Broadcast(tirx.const(ZB, "uint32"), lanes)
+        elems = []
         for k in range(KV):
             c = q * KV + k  # q is a loop variable: channels past C (padding) read C - 1, then take the zero point
-            if lanes == 1:
-                byte = tirx.Cast(ut, tirx.Cast("uint8", x[n, tirx.min(c, C - 1), y, x0]))
+            if lanes == 1:  # the code's byte (two's complement for signed codes)
+                e = tirx.Cast("uint8", x[n, tirx.min(c, C - 1), y, x0])
             else:
-                byte = tirx.Cast(ut, tirx.reinterpret(f"uint8x{lanes}", x.vload(
-                    [n, tirx.min(c, C - 1), y, x0], f"{XD}x{lanes}")))
+                e = tirx.reinterpret(f"uint8x{lanes}", x.vload([n, tirx.min(c, C - 1), y, x0], f"{XD}x{lanes}"))
             if CP != C:
-                byte = tirx.Select(c < C, byte, zb)
-            if k:
-                sh = tirx.const(8 * k, "uint32")
-                byte = tirx.shift_left(byte, sh if lanes == 1 else tirx.Broadcast(sh, lanes))
-            word = byte if word is None else tirx.bitwise_or(word, byte)
-        return tirx.reinterpret("int32" if lanes == 1 else f"int32x{lanes}", word)
+                zb = tirx.const(op.a_zero & 0xFF, "uint8")
+                e = tirx.Select(c < C, e, zb if lanes == 1 else tirx.Broadcast(zb, lanes))
+            elems.append(e)
+        return _isa.pack_words(elems, lanes, "uint8")
 
     def tap(xb, n, y, x, cc):
         """``CL`` channel bytes of the plane's pixel ``(y, x)``."""
@@ -127,8 +121,10 @@ def build(op, g, mode, lay, knobs, dot, off):
             n: T.let = p // HP
             y: T.let = p % HP - PT
             row: T.let = p * WP * CB
-            fill_row(xcw, row, WP * CB, y < 0 or y >= copy_rows, ZW, PL * CB, copy_cols * CB)
-            if y >= 0 and y < copy_rows:
+            if y < 0 or y >= copy_rows:
+                fill_row(xcw, row, WP * CB, lambda u: ZW, WP * CB, 0)
+            else:
+                fill_row(xcw, row, WP * CB, lambda u: ZW, PL * CB, copy_cols * CB)
                 if XP > 1:
                     for q, xb in T.grid(CB, XB // XP):
                         xcw[T.ramp(row + (PL + xb * XP) * CB + q, CB, XP)] = plane_word(x, n, q, y, xb * XP, XP)

@@ -142,12 +142,14 @@ def winograd_reference(x: np.ndarray, w: np.ndarray, op: QOp) -> np.ndarray:
     return y[:, :, : g.oh, : g.ow]
 
 
-_R_FULL = {16: 12, 8: 4}  # tiles of a micro-tile with J = 2, by vector lanes
+# tiles of a full micro-tile, by (vector lanes, J): 24 (12) of 32 (16) registers hold
+# accumulators with J = 2, 28 (14) with J = 1
+_R_FULL = {(16, 2): 12, (8, 2): 4, (16, 1): 14, (8, 1): 6}
 
 
-def _micro_r(tpt: int, vl: int) -> int:
+def _micro_r(tpt: int, vl: int, j: int = 2) -> int:
     """The default micro-tile: at most the full one, all of a task's of one size."""
-    return math.ceil(tpt / math.ceil(tpt / _R_FULL[vl]))
+    return math.ceil(tpt / math.ceil(tpt / _R_FULL[vl, j]))
 
 
 def _rows_per_task(ty: int, tx: int, ow: int, vl: int) -> int:
@@ -253,10 +255,7 @@ class WinogradFamily:
     def default_knobs(self, op: QOp) -> dict:
         lay = self.layout(op)
         j = 2 if lay["ob"] % 2 == 0 else 1
-        if j == 1:  # 28 (14) of 32 (16) registers hold accumulators
-            r = 14 if self.mode.vl == 16 else 6
-            return {"R": math.ceil(lay["tpt"] / math.ceil(lay["tpt"] / r)), "J": 1}
-        return {"R": _micro_r(lay["tpt"], self.mode.vl), "J": j}  # 24 (12) of 32 (16) registers
+        return {"R": _micro_r(lay["tpt"], self.mode.vl, j), "J": j}
 
     def knobs(self, op: QOp) -> dict:
         k = self.default_knobs(op)
