@@ -100,6 +100,18 @@ def ort_reference(path: Path, inputs: dict[str, np.ndarray]) -> PeerRun:
     return _ort_run(path, inputs, optimize=False)
 
 
+def as_qdq(path: Path, workdir: Path) -> Path:
+    """``path`` (a QOperator / integer-op file) rewritten as plain QDQ by
+    :func:`soniq_tvm.qoperator.to_qdq`, written beside it in ``workdir``."""
+    import onnx
+
+    from soniq_tvm.qoperator import to_qdq
+
+    out = Path(workdir) / f"{Path(path).stem}_as_qdq.onnx"
+    onnx.save(to_qdq(onnx.load(str(path))), str(out))
+    return out
+
+
 def quantize_ort_int8(
     fp32_path: Path, out_path: Path, calibration: list[dict[str, np.ndarray]], fmt: str = "QDQ"
 ) -> Path:

@@ -120,8 +120,11 @@ def bench_model(name: str, args, workdir: Path, soniq_budget: BuildBudget,
         qop = workdir / f"{bm.onnx_path.stem}_ort_qoperator.onnx"
         try:
             peers.quantize_ort_int8(bm.onnx_path, qop, calib, fmt="QOperator")
-            qop_ref = (peers.ort_reference(qop, x).outputs, "ORT_DISABLE_ALL, same QOperator file",
-                       peers.output_step(qop))
+            # ORT runs a QOperator file's QLinear ops on its int8 kernels even with the graph
+            # optimizations off, and those saturate on AVX2-only hosts: the reference is the
+            # same file rewritten as plain QDQ (float arithmetic, exact on every host)
+            qop_ref = (peers.ort_reference(peers.as_qdq(qop, workdir), x).outputs,
+                       "ORT_DISABLE_ALL, the QOperator file as QDQ", peers.output_step(qop))
             add(_timed_row(label, "ORT INT8 QOperator", lambda: peers.ort_fp32(qop, x), qop_ref, **common))
             add(_timed_row(label, "soniq on ORT QOperator file", lambda: peers.soniq_file(qop, x), qop_ref,
                            **common))
@@ -203,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     p.add_argument("--variants", default=None,
                    help="comma-separated parts of the soniq rows' names to run (e.g. 'steps/tensor,uniform'; "
-                        "default: all)")
+                        "'=NAME': that row exactly; default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per peer (default 100, quick 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
     p.add_argument("--tvm-repeats", type=int, default=3,
@@ -227,6 +230,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mcpu", default=None,
                    help="build the TVM rows (soniq, TVM fp32) for this LLVM CPU instead of the host's, e.g. "
                         "haswell for AVX2 code (it must run on this host)")
+    p.add_argument("--target", default=None,
+                   help="build the TVM rows for this target, e.g. \"llvm -mcpu=haswell\" for AVX2 code on an "
+                        "AVX-512 host (its -mcpu is used; the same as --mcpu)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results.json"), help="JSON results file")
     p.add_argument("--workdir", type=Path, default=None, help="where ONNX files go (default: a temp dir)")
     args = p.parse_args(argv)
@@ -249,6 +255,15 @@ def run(argv=None, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark; print progress and the table; write and return the JSON results."""
     args = parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(peers.NUM_THREADS))  # read when TVM's pool starts
+    if args.target:
+        import soniq_tvm
+
+        mcpu = soniq_tvm.parse_target(args.target).get("mcpu")
+        if mcpu is None:
+            raise SystemExit(f"--target {args.target!r} names no -mcpu (e.g. \"llvm -mcpu=haswell\")")
+        if args.mcpu and args.mcpu != mcpu:
+            raise SystemExit(f"--target says -mcpu={mcpu}, --mcpu says {args.mcpu}")
+        args.mcpu = mcpu
     if args.mcpu:
         os.environ["SONIQ_BENCH_MCPU"] = args.mcpu  # peers.host_target
     started = time.perf_counter()

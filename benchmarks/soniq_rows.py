@@ -58,10 +58,14 @@ VARIANTS = (
 
 def variants_for(model_name: str, only: tuple[str, ...] | None = None) -> list[SoniqVariant]:
     """The variants run on ``model_name`` (``"resnet18 (tiny)"`` counts as resnet18);
-    ``only``: just those whose name contains one of these strings."""
+    ``only``: just those whose name contains one of these strings (``"=name"``: that
+    name exactly)."""
     base = model_name.split()[0]
-    return [v for v in VARIANTS if (not v.models or base in v.models)
-            and (only is None or any(o in v.name for o in only))]
+
+    def wanted(name: str) -> bool:
+        return any(name == o[1:] if o.startswith("=") else o in name for o in only)
+
+    return [v for v in VARIANTS if (not v.models or base in v.models) and (only is None or wanted(v.name))]
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@
     9  cleanup      dead code elimination
    10  fuse_groups  a matmul's activation scale groups in one kernel (fuse_scale_groups)
    11  probes       (optional) ``soniq_probe``: main plus every kernel's input and result (add_probes)
+   12  lift         (optional) kernel weights -> parameters of main, stored at their real widths (lift_weights)
 
 ``dump_dir`` writes the IR after every phase (``NN-name.py``), so anyone can see,
 diff and reorder the flow. Building (``tvm.compile``) is the caller's step.
@@ -28,6 +29,7 @@ from .canonicalize_minmax import CanonicalizeMinMax
 from .fold_permutations import FoldPermutations, count_gathers
 from .fold_qdq import FoldQDQ, WeightInfo
 from .fuse_scale_groups import FuseScaleGroups, count_fused
+from .lift_weights import lift_weights
 from .lower_act_matmul import LowerActMatmul
 from .pack_weights import PackWeights
 from .quantize_before_pool import QuantizeBeforePool
@@ -49,6 +51,7 @@ class PipelineResult:
     declined: dict = field(default_factory=dict)  # layer -> why its quantized op stayed float
     probes: list = field(default_factory=list)  # QOp dicts of soniq_probe's kernel calls (phase 11)
     fused: int = 0  # conv/matmul layers whose scale groups run in one kernel (phase 10)
+    weights: object = None  # soniq_tvm.weights.WeightStore of the lifted parameters (phase 12)
 
 
 def import_onnx(model, shapes: dict | None = None):
@@ -111,14 +114,16 @@ def act_kernels(mod) -> list[str]:
 
 def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, family: str | None = None,
                  dump_dir: str | None = None, stop_after: str | None = None, tuned=None,
-                 split: str = "auto", probes: bool = False) -> PipelineResult:
-    """Run phases 0-11 on an ONNX ModelProto (int4 initializers already widened),
+                 split: str = "auto", probes: bool = False, lift: bool = False) -> PipelineResult:
+    """Run phases 0-12 on an ONNX ModelProto (int4 initializers already widened),
     or up to and including ``stop_after`` (one of :data:`PHASES`). ``tuned``: a
     :class:`soniq_tvm.tuning.TunedSchedules`; the pack phase takes its
     (family, knobs) for the kernels it has records of. ``split``: "auto" keeps a
     mixed layer whole where splitting is not faster (never with a forced family),
     "always" splits every mixed layer. ``probes``: add the ``soniq_probe`` entry
-    point (phase 10) for verifying the built module layer by layer."""
+    point (phase 11) for verifying the built module layer by layer. ``lift``:
+    the kernels' weights become parameters of ``main`` (phase 12), in
+    ``result.weights``, for a module that stores them at their real widths."""
     assert stop_after is None or stop_after in PHASES, stop_after
     mod, params = import_onnx(model, shapes)
     _dump(dump_dir, 0, "import", mod)
@@ -162,6 +167,9 @@ def run_pipeline(model, weights: dict[str, WeightInfo], target, *, shapes=None, 
     if probes:
         result.mod, result.probes = add_probes(result.mod)
         _dump(dump_dir, len(steps) + 1, "probes", result.mod)
+    if lift:
+        result.mod, result.weights = lift_weights(result.mod)
+        _dump(dump_dir, len(steps) + 2, "lift", result.mod)
     return result
 
 

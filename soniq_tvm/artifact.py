@@ -5,9 +5,13 @@ A saved module is a directory ``NAME.soniq/`` holding
 * ``module.so``: the compiled library (Relax VM executable and kernels); for a
   foreign architecture (cross-compiled, e.g. aarch64 on x86) ``module.tar``
   holding the object files instead, linked on the target machine at load time;
+* ``weights.bin``: the integer kernels' weights at their real widths (a 2-bit
+  channel in 2 bits), rebuilt into the kernels' layouts in memory when the
+  module loads (:mod:`soniq_tvm.weights`; timed: ``weights_load_seconds``);
 * ``manifest.json``: format, input/output names, shapes and dtypes, the target,
-  the ISA features the code needs, the precision plan, library versions and a
-  SHA-256 over the library and the manifest.
+  the ISA features the code needs, the precision plan, how each weight is
+  stored, library versions and a SHA-256 over the library, the weights and the
+  manifest.
 
 Loading needs only the TVM runtime: this module imports neither onnx nor the
 compiler passes. It checks the hash (corruption, tampering), the versions, and
@@ -32,8 +36,9 @@ from .errors import ArtifactError, HardwareMismatchError, InputError
 
 __all__ = ["CompiledModule", "load", "FORMAT"]
 
-FORMAT = "soniq-module/1"
-_LIB, _TAR, _MANIFEST = "module.so", "module.tar", "manifest.json"
+FORMAT = "soniq-module/2"
+_READABLE = ("soniq-module/1", FORMAT)  # /1: no weights.bin (every weight inside the library)
+_LIB, _TAR, _MANIFEST, _WEIGHTS = "module.so", "module.tar", "manifest.json", "weights.bin"
 
 
 def _versions() -> dict:
@@ -43,9 +48,17 @@ def _versions() -> dict:
     return {"soniq_tvm": __version__, "tvm": tvm.__version__, "tvm_ffi": getattr(tvm_ffi, "__version__", "?")}
 
 
-def _digest(lib_bytes: bytes, manifest: dict) -> str:
+def _signature(path: Path, manifest: dict) -> str:
+    """:func:`_digest` of the saved module in ``path`` as its files are now."""
+    lib = (path / str(manifest.get("library", _LIB))).read_bytes()
+    weights = (path / _WEIGHTS).read_bytes() if "weights" in manifest else b""
+    return _digest(lib, manifest, weights)
+
+
+def _digest(lib_bytes: bytes, manifest: dict, weights: bytes = b"") -> str:
     body = {k: v for k, v in manifest.items() if k != "sha256"}
     h = hashlib.sha256(lib_bytes)
+    h.update(weights)
     h.update(json.dumps(body, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -53,10 +66,12 @@ def _digest(lib_bytes: bytes, manifest: dict) -> str:
 class CompiledModule:
     """A compiled model: ``run(inputs)`` or ``m(x)``, ``save(path)``, ``plan``."""
 
-    def __init__(self, library, manifest: dict, executable=None):
+    def __init__(self, library, manifest: dict, executable=None, weights=None):
         self._lib = library  # runtime Module or Executable
         self._exec = executable  # tvm.runtime.Executable (only right after compile)
         self.manifest = manifest
+        self._weights = weights  # soniq_tvm.weights.WeightStore: main's parameters after the inputs
+        self._wtensors = None
         self._vm = None
         self._inbufs = None  # device tensors of the inputs, refilled by every run
         self._main = None  # the VM's "main", looked up once
@@ -73,6 +88,18 @@ class CompiledModule:
     @property
     def target(self) -> dict:
         return self.manifest["target"]
+
+    @property
+    def weights_load_seconds(self) -> float:
+        """Seconds :func:`load` took to rebuild the kernels' weight layouts (0 right after compile)."""
+        return self._weights.load_seconds if self._weights is not None else 0.0
+
+    @property
+    def weight_bytes(self) -> dict:
+        """``{"stored", "in_memory"}``: the lifted kernel weights at their real widths
+        (``weights.bin``) and in the kernels' layouts."""
+        w = self._weights
+        return {"stored": w.stored_bytes if w else 0, "in_memory": w.memory_bytes if w else 0}
 
     @property
     def plan(self):
@@ -147,7 +174,16 @@ class CompiledModule:
                 np.copyto(self._inviews[i], arr)
             else:
                 self._inbufs[i].copyfrom(np.ascontiguousarray(arr))
-        return self._inbufs
+        return self._inbufs + self._weight_tensors()
+
+    def _weight_tensors(self) -> list:
+        """The lifted weights as device tensors (made once, kept for the module's life)."""
+        if self._wtensors is None:
+            import tvm
+
+            arrays = self._weights.arrays() if self._weights is not None else []
+            self._wtensors = [tvm.runtime.tensor(a, self._device()) for a in arrays]
+        return self._wtensors
 
     def run(self, *args, **kwargs) -> list[np.ndarray]:
         """Run on ``{name: array}`` (or positional arrays); returns a list of arrays."""
@@ -245,14 +281,22 @@ class CompiledModule:
                 self._exec.export_library(str(lib_path))  # .tar: objects only, no cross linker needed
             else:
                 shutil.copyfile(Path(self.manifest["_source"]) / self.manifest["library"], lib_path)
-            manifest = {k: v for k, v in self.manifest.items() if not k.startswith("_")}
+            manifest = {k: v for k, v in self.manifest.items() if not k.startswith("_") and k != "weights"}
+            weights = b""
+            if self._weights is not None and self._weights.count:
+                weights = self._weights.blob
+                with open(tmp / _WEIGHTS, "wb") as f:
+                    f.write(weights)
+                    f.flush()
+                    os.fsync(f.fileno())
+                manifest["weights"] = self._weights.summary()
             manifest["library"] = lib_path.name
             manifest["format"] = FORMAT
             manifest["versions"] = _versions()
             manifest["saved"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            manifest["sha256"] = _digest(lib_path.read_bytes(), manifest)
+            manifest["sha256"] = _digest(lib_path.read_bytes(), manifest, weights)
             with open(tmp / _MANIFEST, "w") as f:
-                json.dump(manifest, f, indent=2, sort_keys=True)
+                json.dump(manifest, f, sort_keys=True, separators=(",", ":"))  # compact: the plan lists every channel
                 f.flush()
                 os.fsync(f.fileno())
             old = None
@@ -322,13 +366,19 @@ def load(path: str | os.PathLike) -> CompiledModule:
         manifest = json.loads(man_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"manifest is unreadable: {e}", file=str(man_path)) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"manifest format is not {FORMAT}", file=str(man_path))
+    if not isinstance(manifest, dict) or manifest.get("format") not in _READABLE:
+        raise ArtifactError(f"manifest format is not one of {', '.join(_READABLE)}", file=str(man_path),
+                            hint="recompile and save it with this version")
     lib_path = path / str(manifest.get("library", _LIB))
     if lib_path.name not in (_LIB, _TAR) or not lib_path.is_file():
         raise ArtifactError(f"library {lib_path.name} is missing", file=str(path))
     lib_bytes = lib_path.read_bytes()
-    if manifest.get("sha256") != _digest(lib_bytes, manifest):
+    weights_path, weights = path / _WEIGHTS, b""
+    if "weights" in manifest:
+        if not weights_path.is_file():
+            raise ArtifactError(f"{_WEIGHTS} is missing", file=str(path), hint="recompile and save it again")
+        weights = weights_path.read_bytes()
+    if manifest.get("sha256") != _digest(lib_bytes, manifest, weights):
         raise ArtifactError("content hash does not match: the module was corrupted or modified",
                             file=str(path), hint="recompile and save it again")
     built = manifest.get("versions", {})
@@ -344,5 +394,15 @@ def load(path: str | os.PathLike) -> CompiledModule:
         lib = tvm.runtime.load_module(str(lib_path))
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"the library does not load: {str(e).splitlines()[0]}", file=str(lib_path)) from None
+    store = None
+    if "weights" in manifest:
+        from .weights import WeightStore
+
+        try:
+            store = WeightStore(manifest["weights"]["entries"], weights)
+            store.arrays()  # rebuilt now, timed: errors surface here, not at the first run
+        except Exception as e:  # noqa: BLE001  (the hash matched: a codec or family mismatch)
+            raise ArtifactError(f"the weights do not rebuild: {e}", file=str(weights_path),
+                                hint="recompile with this installation") from None
     manifest["_source"] = str(path)
-    return CompiledModule(lib, manifest)
+    return CompiledModule(lib, manifest, weights=store)

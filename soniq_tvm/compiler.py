@@ -140,7 +140,7 @@ def prepare(model, target="llvm", *, shapes=None, family=None, dump_ir=None, sto
 
 
 def _prepare(model, tgt: dict, *, shapes=None, family=None, dump_ir=None, stop_after=None, tuned=None,
-             split="auto", probes=False, memory_limit=None):
+             split="auto", probes=False, memory_limit=None, lift=False):
     """:func:`prepare` for a target already parsed (``tgt``: a target dict)."""
     if split not in SPLIT_MODES:
         raise InputError(f"split={split!r} is not one of {', '.join(SPLIT_MODES)}",
@@ -166,7 +166,8 @@ def _prepare(model, tgt: dict, *, shapes=None, family=None, dump_ir=None, stop_a
     shape_dict = {i["name"]: i["shape"] for i in ins}
     try:
         result = run_pipeline(widened, infos, to_tvm_target(tgt), shapes=shape_dict, family=family,
-                              dump_dir=dump_ir, stop_after=stop_after, tuned=tuned, split=split, probes=probes)
+                              dump_dir=dump_ir, stop_after=stop_after, tuned=tuned, split=split, probes=probes,
+                              lift=lift)
     except SoniqError:
         raise
     except Exception as e:  # noqa: BLE001  (importer errors are untyped)
@@ -220,7 +221,8 @@ def build_plan(result, tgt: dict, model=None) -> Plan:
     if acts:
         kinds = ", ".join(sorted({a.split()[0] for a in acts}))
         notes.append(f"{len(acts)} activation x activation matmul(s) (attention) on the {kinds} dot-product kernel")
-    return Plan(layers=tuple(layers), target=describe(tgt), notes=tuple(notes))
+    stored = result.weights.stored_bytes if result.weights is not None else 0
+    return Plan(layers=tuple(layers), target=describe(tgt), notes=tuple(notes), bytes_stored=stored)
 
 
 def _whole_layers(ops) -> list:
@@ -303,7 +305,7 @@ def inspect(model, target="llvm", *, shapes=None, family=None, database=None, st
     ``database``/``strict``/``split``: as for :func:`compile`."""
     tgt = parse_target(target)
     tuned = _tuned(database, tgt, strict)
-    result, tgt, proto, *_ = _prepare(model, tgt, shapes=shapes, family=family, tuned=tuned, split=split)
+    result, tgt, proto, *_ = _prepare(model, tgt, shapes=shapes, family=family, tuned=tuned, split=split, lift=True)
     plan = build_plan(result, tgt, proto)
     if tuned is not None:
         tuned.check()
@@ -347,7 +349,8 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
     tgt = parse_target(target)  # parsed once; everything below takes the dict
     tuned = _tuned(database, tgt, strict)
     result, tgt, model, ins, outs = _prepare(model, tgt, shapes=shapes, family=family, dump_ir=dump_ir,
-                                             tuned=tuned, split=split, probes=probes, memory_limit=memory_limit)
+                                             tuned=tuned, split=split, probes=probes, memory_limit=memory_limit,
+                                             lift=True)
     if tuned is not None:
         tuned.check()
     memory = check_memory(result.mod, memory_limit)
@@ -377,4 +380,4 @@ def compile(model, target="llvm", *, shapes=None, family=None, dump_ir=None, dat
         manifest["probes"] = result.probes
     if tuned is not None:
         manifest["tuning"] = tuned.report()
-    return CompiledModule(executable, manifest, executable=executable)
+    return CompiledModule(executable, manifest, executable=executable, weights=result.weights)

@@ -80,6 +80,7 @@ class Plan:
     target: str = ""
     version: int = VERSION
     notes: tuple[str, ...] = field(default=())
+    bytes_stored: int = 0  # weights.bin of a saved module: the kernels' weights at their real widths
 
     # ---- derived -----------------------------------------------------------
     @property
@@ -104,6 +105,11 @@ class Plan:
         """Weight compression vs. fp32 storage."""
         return 4.0 * self.bytes_before / self.bytes_after if self.bytes_after else 1.0
 
+    @property
+    def stored_compression(self) -> float:
+        """Compression of the saved weights (real widths) vs. fp32 storage."""
+        return 4.0 * self.bytes_before / self.bytes_stored if self.bytes_stored else self.compression
+
     def layer(self, name: str) -> LayerPlan:
         for l in self.layers:
             if l.name == name:
@@ -116,6 +122,7 @@ class Plan:
             "version": self.version, "target": self.target, "notes": list(self.notes),
             "layers": [l.to_dict() for l in self.layers],
             "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "gathers": self.gathers,
+            "bytes_stored": self.bytes_stored,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -126,7 +133,7 @@ class Plan:
         if d.get("version") != VERSION:
             raise ValueError(f"plan version {d.get('version')} is not {VERSION}")
         return cls(layers=tuple(LayerPlan.from_dict(l) for l in d["layers"]), target=d.get("target", ""),
-                   notes=tuple(d.get("notes", ())))
+                   notes=tuple(d.get("notes", ())), bytes_stored=int(d.get("bytes_stored", 0)))
 
     # ---- display -----------------------------------------------------------
     def __str__(self) -> str:
@@ -151,8 +158,10 @@ class Plan:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"target: {self.target}")
-        lines.append(f"weights: {self.bytes_before} B int8 -> {self.bytes_after} B packed "
-                     f"({self.compression:.1f}x vs fp32); run-time gathers: {self.gathers}")
+        lines.append(f"weights: {self.bytes_before} B int8 -> {self.bytes_after} B in memory (kernel layouts, "
+                     f"{self.compression:.1f}x vs fp32)"
+                     + (f", {self.bytes_stored} B stored at real widths ({self.stored_compression:.1f}x vs fp32)"
+                        if self.bytes_stored else "") + f"; run-time gathers: {self.gathers}")
         if self.float_layers:
             lines.append(f"float: {len(self.float_layers)} of {len(self.layers)} conv/matmul layers")
         lines.extend(f"note: {n}" for n in self.notes)

@@ -3,7 +3,8 @@
 Two figures, from the Relax module the passes produce, before anything is built:
 
 * **weights**: the bytes of every constant (packed weights, corrections, scales,
-  gather tables), each counted once;
+  gather tables), each counted once, and of the kernel weights lifted into
+  parameters of ``main`` after its ``num_input`` inputs;
 * **workspace**: the peak of the tensors alive at once between kernels in ``main``
   (inputs, every binding from its definition to its last use, outputs to the end).
   A kernel's own scratch (an activation re-layout, a row buffer) is not counted: it
@@ -79,10 +80,12 @@ def memory_needs(mod) -> dict:
             consts.setdefault(hash(expr), tv.const_value(expr).nbytes)
 
     relax.analysis.post_order_visit(func.body, visit)
-    weights = sum(consts.values())
+    attrs = func.attrs
+    n_in = int(attrs["num_input"]) if attrs is not None and "num_input" in attrs else len(func.params)
+    weights = sum(consts.values()) + sum(_nbytes(p.ty) for p in func.params[n_in:])  # lifted weights
     bindings = [b for block in func.body.blocks for b in block.bindings]
     root = {}  # an alias (``y = x``) stands for the tensor it names
-    sizes = {p: _nbytes(p.ty) for p in func.params}
+    sizes = {p: _nbytes(p.ty) for p in func.params[:n_in]}
     for b in bindings:
         if isinstance(b.value, relax.Var):
             root[b.var] = root.get(b.value, b.value)
@@ -97,7 +100,7 @@ def memory_needs(mod) -> dict:
     freed: dict[int, int] = {}
     for v, i in last.items():
         freed[i] = freed.get(i, 0) + sizes.get(v, 0)
-    live = sum(sizes[p] for p in func.params)
+    live = sum(sizes[p] for p in func.params[:n_in])
     peak = live
     largest = max(((str(v.name), n) for v, n in sizes.items()), key=lambda t: t[1], default=("-", 0))
     for i, b in enumerate(bindings):

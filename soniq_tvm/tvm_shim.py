@@ -81,6 +81,11 @@ def call_tir(gvar, args, out_shape, out_dtype):
     return relax.call_tir(gvar, list(args), out_ty=relax.TensorType(list(out_shape), out_dtype))
 
 
+def with_call_args(call, args):
+    """``call`` with other arguments (same operator, attributes and type arguments)."""
+    return relax.Call(call.op, list(args), call.attrs, call.ty_args)
+
+
 def tensor(array: np.ndarray, dev=None):
     return tvm.runtime.tensor(np.ascontiguousarray(array), dev or tvm.cpu())
 

@@ -10,6 +10,36 @@ def pytest_addoption(parser):
                      help="differential fuzz cases against the integer reference and ONNX Runtime (tests/fuzz)")
 
 
+def _host_lines() -> list[str]:
+    """The host's CPU and the ISA features the kernel families key on."""
+    import platform
+
+    from soniq_tvm import hardware
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    feats = " ".join(sorted(hardware.host_features())) or "none tracked"
+    return [f"soniq host: {platform.machine()} {model or '?'}, {hardware.physical_cores()} cores",
+            f"soniq host ISA features: {feats}"]
+
+
+def pytest_sessionstart(session):
+    """Print :func:`_host_lines` first, even under ``-q``, so a CI log says which kernel
+    families (AVX2-only, AVX-512 VNNI, ...) the suite ran natively on this host."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller prints
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in _host_lines():
+        if reporter is not None:
+            reporter.write_line(line)
+        else:
+            print(line)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import tvm

@@ -86,7 +86,7 @@ def test_save_is_atomic_and_replaces(example, tmp_path):
     m.save(p)  # overwrite in place
     leftovers = [q.name for q in tmp_path.iterdir() if q.name != "a.soniq"]
     assert leftovers == []
-    assert sorted(q.name for q in p.iterdir()) == ["manifest.json", "module.so"]
+    assert sorted(q.name for q in p.iterdir()) == ["manifest.json", "module.so", "weights.bin"]
     assert json.loads((p / "manifest.json").read_text())["library"] == "module.so"
 
 
@@ -222,6 +222,6 @@ def test_run_refills_inputs_and_owns_outputs(example, monkeypatch):
     out_a[...] = 0  # the caller owns its result
     np.testing.assert_array_equal(m.run(np.asfortranarray(b[key]))[0], out_b)
     monkeypatch.setattr(artifact, "_numpy_views", lambda bufs: None)
-    fresh = artifact.CompiledModule(m._lib, m.manifest, m._exec)
+    fresh = artifact.CompiledModule(m._lib, m.manifest, m._exec, weights=m._weights)
     np.testing.assert_array_equal(fresh.run(b)[0], out_b)
     assert fresh._inviews is None

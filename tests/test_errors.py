@@ -214,12 +214,12 @@ def test_truncated_manifest_and_missing_parts(compiled, tmp_path):
 
 
 def test_version_mismatch(compiled, tmp_path):
-    from soniq_tvm.artifact import _digest
+    from soniq_tvm.artifact import _signature
 
     path = _copy(compiled[2], tmp_path / "v.soniq")
     man = json.loads((path / "manifest.json").read_text())
     man["versions"]["tvm"] = "0.1.0"
-    man["sha256"] = _digest((path / "module.so").read_bytes(), man)
+    man["sha256"] = _signature(path, man)
     (path / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ArtifactError, match="0.1.0"):
         soniq_tvm.load(path)

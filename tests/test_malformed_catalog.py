@@ -127,11 +127,11 @@ def _float8_model():
 
 def _rewrite_manifest(path, change):
     """Change a saved module's manifest and re-sign it, so only the change is wrong."""
-    from soniq_tvm.artifact import _digest
+    from soniq_tvm.artifact import _signature
 
     man = json.loads((path / "manifest.json").read_text())
     change(man)
-    man["sha256"] = _digest((path / man.get("library", "module.so")).read_bytes(), man)
+    man["sha256"] = _signature(path, man)
     (path / "manifest.json").write_text(json.dumps(man))
     return path
 
@@ -315,6 +315,13 @@ CATALOG: list[Entry] = [
      lambda e: soniq_tvm.load(_then(e.artifact(), lambda p: _truncate(p / "manifest.json", lambda n: n // 2)))),
     ("artifact-missing-library", "artifact", ArtifactError, "module.so",
      lambda e: soniq_tvm.load(_then(e.artifact(), lambda p: (p / "module.so").unlink()))),
+    ("artifact-missing-weights", "artifact", ArtifactError, "weights.bin",
+     lambda e: soniq_tvm.load(_then(e.artifact(), lambda p: (p / "weights.bin").unlink()))),
+    ("artifact-flipped-weight-byte", "artifact", ArtifactError, "copy.soniq",
+     lambda e: soniq_tvm.load(_then(e.artifact(), lambda p: _flip_byte(p / "weights.bin")))),
+    ("artifact-weights-other-family", "artifact", ArtifactError, "weights.bin",
+     lambda e: soniq_tvm.load(_rewrite_manifest(e.artifact(), lambda m: [
+         x.update(family="no-such-family") for x in m["weights"]["entries"] if x["kind"] == "codes"]))),
     ("artifact-foreign-format", "artifact", ArtifactError, "manifest.json",
      lambda e: soniq_tvm.load(_then(e.artifact(), lambda p: _edit_json(p / "manifest.json", "format", "x/1")))),
     ("artifact-other-tvm", "artifact", ArtifactError, "0.1.0",

@@ -39,7 +39,7 @@ def test_memory_needs_counts_constants_once_and_the_live_peak(cnn):
     from soniq_tvm.compiler import _prepare
     from soniq_tvm.targets import parse_target
 
-    result = _prepare(cnn, parse_target("llvm"))[0]
+    result = _prepare(cnn, parse_target("llvm"), probes=True, lift=True)[0]  # as compile() does
     needs = memory_needs(result.mod)
     m = soniq_tvm.compile(cnn, target="llvm")
     packed = m.plan.bytes_after

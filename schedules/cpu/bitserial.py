@@ -214,11 +214,12 @@ class BitSerialFamily:
             code = wg & ((1 << op.w_bit) - 1)
             planes = [(code >> j) & 1 for j in range(op.w_bit)]
         vl, cw = lay["vl"], lay["cw"]
-        bits = np.zeros((g.groups, lay["ogp"], g.kh, g.kw, cw * 64, lay["np"]), np.uint64)
+        bits = np.zeros((g.groups, lay["ogp"], g.kh, g.kw, lay["np"], cw * 64), np.uint8)
         for j, p in enumerate(planes):
-            bits[:, : g.og, :, :, : g.cg, j] = p.transpose(0, 1, 3, 4, 2)
-        words = (bits.reshape(g.groups, lay["ogp"], g.kh, g.kw, cw, 64, lay["np"])
-                 << np.arange(64, dtype=np.uint64)[None, None, None, None, None, :, None]).sum(axis=5, dtype=np.uint64)
+            bits[:, : g.og, :, :, j, : g.cg] = p.transpose(0, 1, 3, 4, 2)
+        # word bit i = channel i of its 64: little-endian bits in little-endian bytes
+        words = np.packbits(bits, axis=-1, bitorder="little").view("<u8").astype(np.uint64)
+        words = words.transpose(0, 1, 2, 3, 5, 4)  # [G, Ogp, KH, KW, CW, NP]
         # [G, Ogp, KH, KW, CW, NP] -> [G, Ob, KH, KW, CW, NP, VL]
         wb = words.reshape(g.groups, lay["ob"], vl, g.kh, g.kw, cw, lay["np"]).transpose(0, 1, 3, 4, 5, 6, 2)
         corr = np.zeros((g.groups, lay["ogp"]), np.int64)

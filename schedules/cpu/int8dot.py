@@ -346,18 +346,18 @@ class Int8DotFamily:
         g = Geometry.of(op)
         m = self.mode(op)
         lay = self.layout(op)
-        w = np.asarray(w).astype(np.int64)
+        w = np.asarray(w)
         lo, hi = weight_range(op.w_bit, op.w_signed)
         if w.size and (w.min() < lo or w.max() > hi):
             raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
         w4 = w.T.reshape(g.o, g.c, 1, 1) if g.matmul else w  # [O, Cg, KH, KW]
-        full = np.zeros((g.groups, lay["ogp"], lay["cgp"], g.kh, g.kw), np.int64)
+        full = np.zeros((g.groups, lay["ogp"], lay["cgp"], g.kh, g.kw), np.int16)  # codes: 8 bits at most
         full[:, : g.og, : g.cg] = w4.reshape(g.groups, g.og, g.cg, g.kh, g.kw)
         # [G, Obt, J, VL, Cb, kv, KH, KW] -> [G, Obt, KH, KW, Cb, J, VL, kv]
         obt, j = lay["ob"] // lay["J"], lay["J"]
         t = full.reshape(g.groups, obt, j, m.vl, lay["cb"], m.kv, g.kh, g.kw).transpose(0, 1, 6, 7, 4, 2, 3, 5)
         wp = np.ascontiguousarray(t.reshape(g.groups, obt, g.kh, g.kw, lay["cb"], j, m.vl * m.kv)).astype(m.w_dtype)
-        corr = (pad_fill(op, m) * full.sum(axis=(2, 3, 4))).astype(np.int32)  # [G, Ogp]
+        corr = (pad_fill(op, m) * full.sum(axis=(2, 3, 4), dtype=np.int64)).astype(np.int32)  # [G, Ogp]
         return [wp, np.ascontiguousarray(corr)]
 
     def unpack(self, packed: Sequence[np.ndarray], op: QOp) -> np.ndarray:

@@ -107,8 +107,12 @@ def exact_for(op: QOp, mode: Mode) -> str | None:
 
 def transform_weights(w: np.ndarray) -> np.ndarray:
     """``U[o, c, e] = (G2 g G2^T)[e // 4, e % 4]`` for weights ``w[O, C, 3, 3]``."""
-    u = np.einsum("ia,ocab,jb->ocij", G2, np.asarray(w, np.int64), G2)
-    return u.reshape(w.shape[0], w.shape[1], 16)
+    # two float32 products (one BLAS call each): |u| <= 16 * 2^8, exact in float32
+    g = G2.astype(np.float32)
+    t = np.asarray(w, np.float32).reshape(-1, 3) @ g.T  # [O*C*3(a), 4(j)]: g G2^T
+    t = t.reshape(w.shape[0] * w.shape[1], 3, 4).transpose(0, 2, 1).reshape(-1, 3) @ g.T  # [O*C*4(j), 4(i)]
+    u = t.reshape(w.shape[0], w.shape[1], 4, 4).transpose(0, 1, 3, 2)  # [O, C, i, j]
+    return np.rint(u).astype(np.int32).reshape(w.shape[0], w.shape[1], 16)
 
 
 def untransform_weights(u: np.ndarray) -> np.ndarray:
@@ -272,19 +276,19 @@ class WinogradFamily:
     def pack(self, w: np.ndarray, op: QOp) -> list[np.ndarray]:
         """``[wp[16, Ob/J, Cb, J, VL * kv] (s8), corr[4, Op] (int32)]``: the transformed weights,
         and the shift's share of each output pixel of a tile (times 4)."""
-        w = np.asarray(w).astype(np.int64)
+        w = np.asarray(w)
         lo, hi = weight_range(op.w_bit, op.w_signed)
         if w.size and (w.min() < lo or w.max() > hi):
             raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
         g, m, lay = Geometry.of(op), self.mode, self.layout(op)
         j = self.knobs(op)["J"]
-        full = np.zeros((lay["op"], lay["cp"], 16), np.int64)
+        full = np.zeros((lay["op"], lay["cp"], 16), np.int8)  # s8 by the family's bounds
         full[: g.o, : g.c] = transform_weights(w)
         # [Obt, J, VL, Cb, kv, 16] -> [16, Obt, Cb, J, VL, kv]
         t = full.reshape(lay["ob"] // j, j, m.vl, lay["cb"], m.kv, 16).transpose(5, 0, 3, 1, 2, 4)
-        wp = np.ascontiguousarray(t.reshape(16, lay["ob"] // j, lay["cb"], j, m.vl * m.kv)).astype(np.int8)
+        wp = np.ascontiguousarray(t.reshape(16, lay["ob"] // j, lay["cb"], j, m.vl * m.kv))
         # the shift's share of M, off * sum_c U, through the output transform: [4, Op]
-        shift = (bounds(op)["off"] * full.sum(axis=1)).reshape(lay["op"], 4, 4)
+        shift = (bounds(op)["off"] * full.sum(axis=1, dtype=np.int64)).reshape(lay["op"], 4, 4)
         corr = np.einsum("ia,oab,jb->ijo", AT, shift, AT).reshape(4, lay["op"]).astype(np.int32)
         return [wp, np.ascontiguousarray(corr)]
 
