@@ -278,7 +278,10 @@ class CompiledModule:
             foreign = self.manifest.get("arch", hardware.host_arch()) != hardware.host_arch()
             lib_path = tmp / (_TAR if foreign else _LIB)
             if self._exec is not None:
-                self._exec.export_library(str(lib_path))  # .tar: objects only, no cross linker needed
+                if foreign:  # .tar: objects only, no cross linker needed
+                    self._exec.export_library(str(lib_path))
+                else:  # LLVM's debug sections are ~40% of a model's library, and nothing reads them
+                    self._exec.export_library(str(lib_path), options=["-Wl,--strip-debug"])
             else:
                 shutil.copyfile(Path(self.manifest["_source"]) / self.manifest["library"], lib_path)
             manifest = {k: v for k, v in self.manifest.items() if not k.startswith("_") and k != "weights"}
