@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -142,7 +143,7 @@ def bench_model(name: str, args, workdir: Path, soniq_budget: BuildBudget,
     if "soniq" in wanted:
         ctx = SoniqContext(bm, x, calib, workdir, args.repeats, args.warmup, args.peer_budget_s,
                            cache_dir=args.cache_dir, build_budget=soniq_budget,
-                           only=tuple(args.variants.split(",")) if args.variants else None)
+                           only=tuple(re.split(r",(?![^{]*})", args.variants)) if args.variants else None)
         for row in soniq_variants(name, ctx):
             row.model = label
             add(row)
@@ -206,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     p.add_argument("--variants", default=None,
                    help="comma-separated parts of the soniq rows' names to run (e.g. 'steps/tensor,uniform'; "
-                        "'=NAME': that row exactly; default: all)")
+                        "'=NAME': that row exactly, commas inside {} kept; default: all)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per peer (default 100, quick 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs before timing (default 5)")
     p.add_argument("--tvm-repeats", type=int, default=3,
