@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from soniq_tvm import tvm_shim as tv
-from soniq_tvm.qop import QOp, decode_bitplanes, encode_bitplanes, reference
+from soniq_tvm.qop import QOp, check_weights, decode_bitplanes, encode_bitplanes, reference
 
 from .registry import register
 
@@ -103,7 +103,8 @@ class Int8Reference:
         return float(op.macs) * 4.0
 
     def pack(self, w: np.ndarray, op: QOp) -> list[np.ndarray]:
-        return [np.ascontiguousarray(w.astype(np.int8))]
+        check_weights(w, op)
+        return [np.ascontiguousarray(np.asarray(w).astype(np.int8))]
 
     def primfunc(self, op: QOp, target=None):
         te = tv.te

@@ -45,6 +45,15 @@ def host_features() -> frozenset[str]:
     return frozenset(llvm for llvm, linux in TRACKED.items() if linux in have)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def physical_cores() -> int:
     """Cores this process may run on, one per physical core (SMT siblings count once)."""
     try:

@@ -46,6 +46,18 @@ def weight_range(bits: int, signed: bool) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def check_weights(w: np.ndarray, op: "QOp") -> None:
+    """``ValueError`` unless every weight is a code of ``op``'s width: in its range,
+    and -1 or +1 where the width is bipolar (a 0 there has no 1-bit code: the
+    bit-plane packers would turn it into -1)."""
+    lo, hi = weight_range(op.w_bit, op.w_signed)
+    w = np.asarray(w)
+    if w.size and (w.min() < lo or w.max() > hi):
+        raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
+    if op.bipolar and w.size and (w == 0).any():
+        raise ValueError(f"weights of {op.layer} are bipolar (-1 or +1) and hold a 0")
+
+
 @dataclass(frozen=True)
 class QOp:
     kind: Literal["conv2d", "matmul"]
@@ -172,9 +184,7 @@ def encode_bitplanes(w: np.ndarray, op: QOp) -> np.ndarray:
     """
     m = weight_matrix(np.asarray(w), op).astype(np.int64)
     b = op.w_bit
-    lo, hi = weight_range(b, op.w_signed)
-    if m.size and (m.min() < lo or m.max() > hi):
-        raise ValueError(f"weights of {op.layer} exceed the {b}-bit range [{lo}, {hi}]")
+    check_weights(m, op)
     code = (m + 1) // 2 if op.bipolar else m & ((1 << b) - 1)
     rows, k = code.shape
     kp = (k + 7) // 8 * 8

@@ -16,12 +16,7 @@ def _host_lines() -> list[str]:
 
     from soniq_tvm import hardware
 
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
+    model = hardware.cpu_model()
     feats = " ".join(sorted(hardware.host_features())) or "none tracked"
     return [f"soniq host: {platform.machine()} {model or '?'}, {hardware.physical_cores()} cores",
             f"soniq host ISA features: {feats}"]

@@ -135,3 +135,25 @@ def test_a_wrong_rebuild_is_refused(mixed, tmp_path):
     codes["layout"] = [[[1] + s, d] for s, d in codes["layout"]]
     with pytest.raises(ValueError, match="recorded"):
         W.materialize(entries, m._weights.blob)
+
+
+@pytest.mark.parametrize("family", [f.name for f in __import__("soniq_tvm.schedules.registry",
+                                                                   fromlist=["x"]).families()])
+def test_every_family_refuses_a_bipolar_zero(family):
+    """Signed 1-bit weights are -1 or +1: a 0 has no code (the bit-plane packers
+    used to take it as -1), so every family's pack refuses it, and out-of-range
+    weights, by name."""
+    from soniq_tvm.qop import QOp
+    from soniq_tvm.schedules import registry
+
+    fam = registry.get(family)
+    kw = dict(padding=(1, 1, 1, 1), groups=16) if family == "cpu-depthwise" else dict(padding=(1, 1, 1, 1))
+    cin = 1 if family == "cpu-depthwise" else 16
+    op = QOp("conv2d", "layer9", (1, 16, 6, 6), (16, cin, 3, 3), (1,) * 16, (2,) * 16, **kw)
+    w = np.where(np.random.default_rng(0).random((16, cin, 3, 3)) < 0.5, -1, 1).astype(np.int8)
+    w[3, 0, 1, 1] = 0
+    with pytest.raises(ValueError, match="layer9.*bipolar"):
+        fam.pack(w, op)
+    w[3, 0, 1, 1] = 2
+    with pytest.raises(ValueError, match="layer9.*range"):
+        fam.pack(w, op)

@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soniq_tvm.qop import QOp, reference, weight_range
+from soniq_tvm.qop import QOp, check_weights, reference
 
 from . import _isa
 from .int8dot import Geometry, _divisors
@@ -203,9 +203,7 @@ class BitSerialFamily:
         lay = self.layout(op)
         g = Geometry.of(op)
         w = np.asarray(w).astype(np.int64)
-        lo, hi = weight_range(op.w_bit, op.w_signed)
-        if w.size and (w.min() < lo or w.max() > hi):
-            raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
+        check_weights(w, op)
         w4 = w.T.reshape(g.o, g.c, 1, 1) if g.matmul else w
         wg = w4.reshape(g.groups, g.og, g.cg, g.kh, g.kw)
         if op.bipolar:

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soniq_tvm.qop import QOp, reference, weight_range
+from soniq_tvm.qop import QOp, check_weights, reference, weight_range
 
 from . import _isa
 from .int8dot import Geometry
@@ -95,10 +95,8 @@ class DepthwiseFamily:
 
     def pack(self, w: np.ndarray, op: QOp) -> list[np.ndarray]:
         w = np.asarray(w).astype(np.int64)
-        lo, hi = weight_range(op.w_bit, op.w_signed)
-        if w.size and (w.min() < lo or w.max() > hi):
-            raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
-        dt = np.uint8 if hi > 127 else np.int8  # unsigned 8-bit weights need the full byte
+        check_weights(w, op)
+        dt = np.uint8 if weight_range(op.w_bit, op.w_signed)[1] > 127 else np.int8  # u8 weights need the byte
         return [np.ascontiguousarray(w.reshape(w.shape[0], -1).astype(dt))]
 
     def unpack(self, packed: Sequence[np.ndarray], op: QOp) -> np.ndarray:

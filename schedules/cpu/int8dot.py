@@ -65,7 +65,7 @@ from typing import Sequence
 import numpy as np
 
 from soniq_tvm import tvm_shim as tv
-from soniq_tvm.qop import QOp, reference, weight_range
+from soniq_tvm.qop import QOp, check_weights, reference, weight_range
 
 from . import _isa
 
@@ -347,9 +347,7 @@ class Int8DotFamily:
         m = self.mode(op)
         lay = self.layout(op)
         w = np.asarray(w)
-        lo, hi = weight_range(op.w_bit, op.w_signed)
-        if w.size and (w.min() < lo or w.max() > hi):
-            raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
+        check_weights(w, op)
         w4 = w.T.reshape(g.o, g.c, 1, 1) if g.matmul else w  # [O, Cg, KH, KW]
         full = np.zeros((g.groups, lay["ogp"], lay["cgp"], g.kh, g.kw), np.int16)  # codes: 8 bits at most
         full[:, : g.og, : g.cg] = w4.reshape(g.groups, g.og, g.cg, g.kh, g.kw)

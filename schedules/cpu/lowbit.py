@@ -57,7 +57,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soniq_tvm.qop import QOp, reference, weight_range
+from soniq_tvm.qop import QOp, check_weights, reference
 
 from . import _isa
 from .int8dot import Geometry
@@ -250,9 +250,7 @@ class LowbitFamily:
         lay = self.layout(op)
         vl, bs = self.mode.vl, store_bits(op.w_bit)
         w = np.asarray(w).astype(np.int64)
-        lo, hi = weight_range(op.w_bit, op.w_signed)
-        if w.size and (w.min() < lo or w.max() > hi):
-            raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
+        check_weights(w, op)
         w4 = w.T.reshape(g.o, g.c, 1, 1) if g.matmul else w  # [O, Cg, KH, KW]
         wg = w4.reshape(g.groups, g.og, g.cg, g.kh, g.kw)
         s, z = codes(op)

@@ -79,7 +79,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soniq_tvm.qop import QOp, reference, weight_range
+from soniq_tvm.qop import QOp, check_weights, reference
 
 from . import _isa
 from .bitserial import act_offset  # x' = x + 2**(a-1) for signed activations: the unsigned code
@@ -297,11 +297,9 @@ class LutFamily:
 
     def pack(self, w: np.ndarray, op: QOp) -> list[np.ndarray]:
         """``[wp uint8[NT, L], corr int32[NP]]`` (see the module docstring)."""
-        lay = self.layout(op)
         w = np.asarray(w).astype(np.int64)
-        lo, hi = weight_range(op.w_bit, op.w_signed)
-        if w.size and (w.min() < lo or w.max() > hi):
-            raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
+        check_weights(w, op)
+        lay = self.layout(op)
         s, z = codes(op)
         k, n = w.shape
         nt, gp, vb, jb = lay["NT"], lay["GP"], lay["VB"], lay["JB"]

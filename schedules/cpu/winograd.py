@@ -52,7 +52,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soniq_tvm.qop import QOp, reference, weight_range
+from soniq_tvm.qop import QOp, check_weights, reference, weight_range
 
 from . import _isa
 from .int8dot import MODES, Geometry, Mode, _act_range, _dot
@@ -277,9 +277,7 @@ class WinogradFamily:
         """``[wp[16, Ob/J, Cb, J, VL * kv] (s8), corr[4, Op] (int32)]``: the transformed weights,
         and the shift's share of each output pixel of a tile (times 4)."""
         w = np.asarray(w)
-        lo, hi = weight_range(op.w_bit, op.w_signed)
-        if w.size and (w.min() < lo or w.max() > hi):
-            raise ValueError(f"weights of {op.layer} exceed the {op.w_bit}-bit range [{lo}, {hi}]")
+        check_weights(w, op)
         g, m, lay = Geometry.of(op), self.mode, self.layout(op)
         j = self.knobs(op)["J"]
         full = np.zeros((lay["op"], lay["cp"], 16), np.int8)  # s8 by the family's bounds

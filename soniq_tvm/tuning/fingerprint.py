@@ -24,6 +24,8 @@ import platform
 import socket
 import time
 
+from soniq_tvm import hardware
+
 __all__ = ["FIELDS", "fingerprint", "fingerprint_key", "differences", "describe_fingerprint", "machine_info"]
 
 FIELDS = ("kind", "arch", "mcpu", "mattr", "features", "gpu_arch")
@@ -32,7 +34,7 @@ FIELDS = ("kind", "arch", "mcpu", "mattr", "features", "gpu_arch")
 def fingerprint(target) -> dict:
     """The fingerprint of ``target`` (any form :func:`soniq_tvm.targets.parse_target`
     accepts, or an already parsed target dict). Needs TVM (LLVM's feature list)."""
-    from .. import hardware, targets
+    from .. import targets
     from ..targets import parse_target
 
     t = target if isinstance(target, dict) and "kind" in target and _is_parsed(target) else parse_target(target)
@@ -96,12 +98,7 @@ def describe_fingerprint(fp: dict) -> str:
 
 def machine_info() -> dict:
     """Where a measurement ran: host name, CPU model, cores, OS, versions."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
+    cpu = hardware.cpu_model()
     info = {
         "host": socket.gethostname(),
         "cpu": cpu or platform.processor(),

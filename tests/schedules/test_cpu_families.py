@@ -24,8 +24,10 @@ from soniq_tvm.schedules.cpu.int8dot import AVX2_DOT, sum16_limit  # noqa: E402
 HOST = _isa.host_features()
 AVX2 = tv.Target({"kind": "llvm", "mcpu": "x86-64-v3", "num-cores": 2})
 HOST_T = tv.Target({"kind": "llvm", "mcpu": tv.host_cpu(), "num-cores": 2})
-needs_avx2 = pytest.mark.skipif("avx2" not in HOST, reason="host has no AVX2")
-needs_vnni = pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vnni"} <= HOST, reason="host has no AVX512-VNNI")
+needs_avx2 = pytest.mark.skipif("avx2" not in HOST,
+        reason="host has no AVX2; cross-built in test_every_family_cross_builds")
+needs_vnni = pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vnni"} <= HOST,
+        reason="host has no AVX512-VNNI; cross-built in test_every_family_cross_builds")
 
 
 def make_op(kind, wb, ab, a_signed=True, w_signed=True, **kw):
@@ -169,7 +171,7 @@ def test_bitserial_conv(name, kw, wb, ab, signed):
 
 
 needs_vpopcntdq = pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vpopcntdq"} <= HOST,
-                                     reason="host has no AVX512-VPOPCNTDQ")
+                                     reason="host has no AVX512-VPOPCNTDQ; cross-built in test_every_family_cross_builds")
 
 
 @needs_vpopcntdq

@@ -30,9 +30,12 @@ HOST_T = tv.Target({"kind": "llvm", "mcpu": tv.host_cpu(), "num-cores": 2})
 ALDERLAKE = tv.Target({"kind": "llvm", "mcpu": "alderlake", "num-cores": 2})
 ZNVER3 = tv.Target({"kind": "llvm", "mcpu": "znver3"})
 ICELAKE = tv.Target({"kind": "llvm", "mcpu": "icelake-server"})
-needs_avx2 = pytest.mark.skipif("avx2" not in HOST, reason="host has no AVX2")
-needs_vnni = pytest.mark.skipif(not VNNI512, reason="host has no AVX512-VNNI")
-needs_avxvnni = pytest.mark.skipif(not {"avx2", "avxvnni"} <= HOST, reason="host has no AVX-VNNI")
+needs_avx2 = pytest.mark.skipif("avx2" not in HOST,
+        reason="host has no AVX2; cross-built in test_every_family_cross_builds")
+needs_vnni = pytest.mark.skipif(not VNNI512,
+        reason="host has no AVX512-VNNI; cross-built in test_every_family_cross_builds")
+needs_avxvnni = pytest.mark.skipif(not {"avx2", "avxvnni"} <= HOST,
+        reason="host has no AVX-VNNI; cross-built in test_every_family_cross_builds")
 
 # the widest family this host runs is checked on the whole grid, the others on a sample
 BEST = ("x86-avx512-lowbit", HOST_T) if VNNI512 else ("x86-avx2-lowbit", AVX2)

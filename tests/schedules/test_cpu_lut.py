@@ -33,7 +33,8 @@ HASWELL = tv.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
 ICELAKE = tv.Target({"kind": "llvm", "mcpu": "icelake-server"})
 ZNVER5 = tv.Target({"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
 NEON = tv.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
-needs_avx2 = pytest.mark.skipif("avx2" not in HOST, reason="host has no AVX2")
+needs_avx2 = pytest.mark.skipif("avx2" not in HOST,
+        reason="host has no AVX2; cross-built in test_every_family_cross_builds")
 
 # the widest family this host runs gets the whole grid, the AVX2 one a sample
 BEST = ("x86-avx512-lut", HOST_T) if HAS_BW else ("x86-avx2-lut", HASWELL)
