@@ -47,6 +47,7 @@ _CONV, _MATMUL = tv.op("nn.conv2d"), tv.op("matmul")
 _DQ, _Q = tv.op("dequantize"), tv.op("quantize")
 _MAXIMUM, _MINIMUM, _CLIP = tv.op("maximum"), tv.op("minimum"), tv.op("clip")
 _PERMUTE = tv.op("permute_dims")
+_RESHAPE = tv.op("reshape")
 
 
 @dataclass(frozen=True)
@@ -184,9 +185,15 @@ class _Folder(tv.PyExprMutator):
         if call.op not in (_CONV, _MATMUL):
             return call
         dq_x = self._as_call(call.args[0], _DQ)
-        if dq_x is None:
+        flat = None
+        if dq_x is None and call.op == _MATMUL:
+            flat = self._flattened(call.args[0])  # Flatten between the DQ and a Gemm (Brevitas)
+            if flat is None:
+                return call
+            dq_x = flat[0]
+        elif dq_x is None:
             return call
-        if call.op == _MATMUL:
+        if call.op == _MATMUL and flat is None:
             act_act = self._fold_act_matmul(call, dq_x)
             if act_act is not None:
                 return act_act
@@ -196,7 +203,19 @@ class _Folder(tv.PyExprMutator):
         wv, info, sw, dq_axis, transposed = w
         if call.op == _CONV:
             return self._fold_conv(call, dq_x, wv, info, sw)
-        return self._fold_matmul(call, dq_x, wv, info, sw, dq_axis, transposed)
+        return self._fold_matmul(call, dq_x, wv, info, sw, dq_axis, transposed, flat=flat)
+
+    def _flattened(self, expr):
+        """``(dq, shape)`` when ``expr`` is ``reshape(dequantize(x, s, z), shape)`` with one
+        scale and zero point for the whole tensor: the codes can be reshaped instead."""
+        r = self._as_call(expr, _RESHAPE)
+        dq = self._as_call(r.args[0], _DQ) if r is not None else None
+        if dq is None:
+            return None
+        s, z = self._value(dq.args[1]), self._value(dq.args[2])
+        if s is None or z is None or np.asarray(s).size != 1 or np.asarray(z).size != 1:
+            return None
+        return dq, tv.shape_of(expr)
 
     def _fold_conv(self, call, dq_x, wv, info: WeightInfo, sw):
         a = call.attrs
@@ -263,15 +282,21 @@ class _Folder(tv.PyExprMutator):
                               last=g == len(parts) - 1)
         return out
 
-    def _fold_matmul(self, call, dq_x, wv, info: WeightInfo, sw, dq_axis: int, transposed: bool):
+    def _fold_matmul(self, call, dq_x, wv, info: WeightInfo, sw, dq_axis: int, transposed: bool, flat=None):
         if wv.ndim != 2:
             self._decline(info.node, f"{wv.ndim}-D matmul weight (2-D folds)")
             return call
         x_shape = tv.shape_of(dq_x.args[0])
-        act = self._activation(dq_x, len(x_shape) - 1, info.node)
+        act = self._activation(dq_x, len(x_shape) - 1 if flat is None else 0, info.node)
         if act is None:
             return call
         x, sx, a_bits, a_signed, a_zero = act
+        if flat is not None:  # one step for the tensor: reshape the codes, the widths carry over
+            x_shape = tuple(flat[1])
+            x = self.builder_.emit(tv.relax.op.reshape(x, list(x_shape)), "soniq_flat")
+            k = x_shape[-1]
+            sx, a_zero = np.full(k, sx[0], np.float32), np.full(k, a_zero[0], np.int64)
+            a_bits = (max(a_bits),) * k
         w = wv.T if transposed else wv  # [K, N]
         n = w.shape[1]
         # stored axis -> in/out: MatMul [K,N]: 0 in, 1 out; Gemm transB [N,K]: 1 in, 0 out

@@ -68,6 +68,23 @@ def _weight_infos(model) -> dict:
     return infos
 
 
+def _without_initializer_inputs(model):
+    """``model`` without the graph inputs that are also initializers (the export style
+    of ONNX IR < 4, still Brevitas's): they are constants to us, and TVM's importer
+    would make two parameters of one name of each."""
+    inits = {i.name for i in model.graph.initializer}
+    if not any(vi.name in inits for vi in model.graph.input):
+        return model
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [vi for vi in out.graph.input if vi.name not in inits]
+    del out.graph.input[:]
+    out.graph.input.extend(keep)
+    return out
+
+
 def _signature(model, shapes: dict | None) -> tuple[list, list]:
     inits = {i.name for i in model.graph.initializer}
     ins, outs = [], []
@@ -155,6 +172,7 @@ def _prepare(model, tgt: dict, *, shapes=None, family=None, dump_ir=None, stop_a
 
     model, source = _model(model)
     model = to_qdq(model)  # QOperator / integer ops, sub-byte and blocked Q/DQ -> plain QDQ
+    model = _without_initializer_inputs(model)
     infos = _weight_infos(model)
     ins, outs = _signature(model, shapes)
     check_inputs(ins, memory_limit)

@@ -113,6 +113,14 @@ class _Constants:
             n = self.producer.get(n.input[0])
         return n if n is not None and n.op_type == "DequantizeLinear" else None
 
+    def act_dq(self, name: str):
+        """:meth:`dq`, also through a Flatten / Reshape (a per-tensor step: the compiler
+        reshapes the codes instead)."""
+        n = self.producer.get(name)
+        while n is not None and n.op_type in ("Identity", "Flatten", "Reshape"):
+            n = self.producer.get(n.input[0])
+        return n if n is not None and n.op_type == "DequantizeLinear" else None
+
     def value(self, name: str) -> np.ndarray | None:
         """A constant, or a DequantizeLinear / Transpose / Identity of one, in float32."""
         if name in self.init:
@@ -177,7 +185,7 @@ def file_layers(model: onnx.ModelProto) -> dict[str, FileLayer]:
         xi, wi = 0, 1
         if n.op_type == "Gemm" and c.dq(n.input[0]) is not None and c.raw(c.dq(n.input[0]).input[0]) is not None:
             xi, wi = 1, 0  # the weight comes first
-        dq = c.dq(n.input[xi])
+        dq = c.act_dq(n.input[xi])
         weight = c.int_weight(n.input[wi])
         if dq is None or weight is None:
             continue

@@ -20,6 +20,8 @@ verify) serves every file:
   ``int8``/``uint8`` with a ``Clip`` to their range, which the annotation reader
   reads as the width (constants are widened by
   :func:`soniq_tvm.annotation.to_int8_initializers`);
+* a ``Clip`` of an 8-bit integer initializer by constant bounds (Brevitas's QCDQ
+  export, narrow-range weights) becomes an initializer of the clipped values;
 * blocked ``QuantizeLinear`` / ``DequantizeLinear`` (``block_size``) become
   element-wise arithmetic with the scales (and zero points) repeated over their
   blocks; a blocked weight therefore runs in float, exactly as the file says.
@@ -28,6 +30,8 @@ What cannot be represented (float8 and float4 types) raises
 :class:`~soniq_tvm.errors.UnsupportedModelError` naming the node. Pure onnx.
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
@@ -80,7 +84,50 @@ class _Rewriter:
             self.types[t.name] = t.data_type
             self.shapes[t.name] = tuple(t.dims)
         self.new_inits: list[onnx.TensorProto] = []
+        self.narrowed: dict[str, tuple[int, int]] = {}  # weights constant_clip folded -> clip bounds
         self.counter = 0
+
+    def constant_clip(self, n: onnx.NodeProto) -> bool:
+        """``Clip`` of an 8-bit integer initializer by constant bounds (Brevitas's QCDQ
+        export clips its weights to their narrow range this way): its output becomes an
+        initializer of the clipped values, so the weight DequantizeLinear reads a
+        constant. False (node kept) for anything else."""
+        ins = [i for i in n.input]
+        if not ins or ins[0] not in self.consts or self.consts[ins[0]].data_type not in (TensorProto.INT8,
+                                                                                           TensorProto.UINT8):
+            return False
+        if any(i and i not in self.consts for i in ins[1:]):
+            return False
+        w = numpy_helper.to_array(self.consts[ins[0]])
+        lo = numpy_helper.to_array(self.consts[ins[1]]) if len(ins) > 1 and ins[1] else None
+        hi = numpy_helper.to_array(self.consts[ins[2]]) if len(ins) > 2 and ins[2] else None
+        if (lo is not None and lo.size != 1) or (hi is not None and hi.size != 1):
+            return False
+        clipped = np.clip(w, None if lo is None else lo.item(), None if hi is None else hi.item()).astype(w.dtype)
+        self.new_inits.append(numpy_helper.from_array(clipped, n.output[0]))
+        if lo is not None and hi is not None:
+            self.narrowed[n.output[0]] = (int(lo.item()), int(hi.item()))
+        self.consts[n.output[0]] = self.new_inits[-1]
+        self.types[n.output[0]] = self.consts[ins[0]].data_type
+        return True
+
+    def annotate_clipped(self, n: onnx.NodeProto) -> onnx.NodeProto:
+        """The DequantizeLinear of a weight :meth:`constant_clip` folded, with the clip's
+        width as ``soniq.bits`` metadata (the int8 type alone would say 8 bits)."""
+        lo, hi = self.narrowed[n.input[0]]
+        signed = lo < 0
+        bits = next(b for b in range(1, 9) if (-(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1 if signed
+                                               else hi <= (1 << b) - 1))
+        shape = self.shapes.get(n.input[0]) or ()
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        axis = axis % len(shape) if shape else 0
+        node = onnx.NodeProto()
+        node.CopyFrom(n)
+        count = shape[axis] if shape else 1
+        for key, value in (("soniq.bits", json.dumps([bits] * count)), ("soniq.axis", str(axis)),
+                           ("soniq.signed", "1" if signed else "0")):
+            node.metadata_props.add(key=key, value=value)
+        return node
 
     def fresh(self, base: str) -> str:
         self.counter += 1
@@ -397,6 +444,10 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         elif n.domain not in ("", "ai.onnx"):
             nodes.append(n)
             continue
+        elif n.op_type == "Clip" and rw.constant_clip(n):
+            pass  # an integer weight clipped to its narrow range: the clipped values are the initializer
+        elif n.op_type == "DequantizeLinear" and n.input[0] in rw.narrowed:
+            nodes.append(rw.annotate_clipped(n))
         elif n.op_type in ("QLinearConv", "QLinearMatMul"):
             nodes.extend(rw.qlinear(n, label))
         elif n.op_type in ("ConvInteger", "MatMulInteger"):

@@ -21,6 +21,8 @@ output codes identical and none off by more than one step.
 """
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,3 +185,15 @@ def verify(model, compiled=None, *, target="llvm", inputs: dict | None = None, s
 
     end_to_end = tuple(compare(n, o, r, steps.get(n)) for n, o, r in zip(names, ours, ref))
     return VerifyReport(end_to_end, tuple(sorted(checks, key=rank)))
+
+
+class _CallableModule(types.ModuleType):
+    """``soniq_tvm.verify`` names both this module and its function: importing the
+    module (``from soniq_tvm.verify import ...``) makes the package attribute the
+    module, so calling ``soniq_tvm.verify(...)`` must still verify."""
+
+    def __call__(self, *args, **kwargs):
+        return verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

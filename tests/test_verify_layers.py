@@ -118,3 +118,18 @@ def test_module_without_probes_falls_back_to_end_to_end(quantized):
     assert not report.layered and report.outputs
     with pytest.raises(soniq_tvm.SoniqError, match="without probes"):
         m.probe(x)
+
+
+def test_package_verify_stays_callable_after_the_module_is_imported():
+    """``import soniq_tvm.verify`` sets the package attribute to the module; the
+    documented call ``soniq_tvm.verify(model, compiled)`` must still work."""
+    import importlib
+
+    import soniq_tvm
+    from tests.helpers import conv_case
+
+    module = importlib.import_module("soniq_tvm.verify")
+    assert soniq_tvm.verify is module
+    case = conv_case(np.random.default_rng(2), 4, 5, [2, 8, 2, 8], [2, 8, 2, 8])
+    report = soniq_tvm.verify(case.model, soniq_tvm.compile(case.model))
+    assert report.ok and report.layered, report

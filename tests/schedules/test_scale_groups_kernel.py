@@ -45,6 +45,8 @@ def groups_case(family_name, target, lead=(1, 16), ks=(32, 20), bits=((8, 8), (2
         op = registry.with_target_knobs(fam, op, target).with_(family=fam.name)
         op = op.with_(knobs=knobs or fam.knobs(op))
         w = rng.integers(-(1 << (wb - 1)), 1 << (wb - 1), (kg, n))
+        if wb == 1:  # signed 1-bit is bipolar: -1 or +1, never 0
+            w = np.where(w < 0, -1, 1)
         packed = fam.pack(w, op)
         factor = (rng.random(n) * 10.0 ** (3 * g - 2)).astype(np.float32)  # steps 1000x apart
         parts.append((op, packed[0], packed[1], factor))
