@@ -185,13 +185,11 @@ class _Folder(tv.PyExprMutator):
         if call.op not in (_CONV, _MATMUL):
             return call
         dq_x = self._as_call(call.args[0], _DQ)
-        flat = None
-        if dq_x is None and call.op == _MATMUL:
-            flat = self._flattened(call.args[0])  # Flatten between the DQ and a Gemm (Brevitas)
-            if flat is None:
-                return call
+        # a Flatten between the DQ and a Gemm (Brevitas)
+        flat = self._flattened(call.args[0]) if dq_x is None and call.op == _MATMUL else None
+        if flat is not None:
             dq_x = flat[0]
-        elif dq_x is None:
+        if dq_x is None:
             return call
         if call.op == _MATMUL and flat is None:
             act_act = self._fold_act_matmul(call, dq_x)

@@ -26,10 +26,10 @@ import numpy as np
 from soniq_tvm import tvm_shim as tv
 from soniq_tvm.qop import QOp
 from soniq_tvm.schedules import registry
-from soniq_tvm.schedules.cpu.groups import GROUPS_ATTR
 from soniq_tvm.weights import WeightStore, as_codes
 
-from ._common import CALL_TIR, QOP_ATTR
+from ._common import soniq_call
+from .fuse_scale_groups import group_ops
 
 __all__ = ["lift_weights", "MIN_BYTES"]
 
@@ -37,19 +37,12 @@ MIN_BYTES = 256
 
 
 def _kernel(call, mod):
-    """``(QOp or None, True)`` for a call of one of our kernels, else None."""
-    if not isinstance(call, tv.relax.Call) or call.op != CALL_TIR:
-        return None
-    try:
-        func = mod[call.args[0].name_hint]
-    except (KeyError, ValueError):
-        return None
-    if not isinstance(func, tv.PrimFunc):
-        return None
-    text = tv.prim_func_attr(func, QOP_ATTR)
-    if text is not None:
-        return (QOp.from_json(str(text)),)
-    return (None,) if tv.prim_func_attr(func, GROUPS_ATTR) is not None else None
+    """``(QOp, [args])`` for a call of one of our kernels (QOp None for a scale-group
+    kernel, whose constants have no single family to rebuild them), else None."""
+    found = soniq_call(call, mod)
+    if found is not None:
+        return found
+    return (None, list(call.args[1].fields)) if group_ops(call, mod) else None
 
 
 def _recipe(op: QOp, values: list[np.ndarray]):
@@ -96,7 +89,7 @@ class _Collect:
         found = _kernel(call, self.mod)
         if found is None:
             return
-        op, fields = found[0], list(call.args[1].fields)
+        op, fields = found
         consts = fields[1:]
         if op is not None and consts and all(tv.is_const(c) for c in consts):
             known = [self.key(c) in self.index for c in consts]
@@ -123,8 +116,9 @@ class _Substitute(tv.PyExprMutator):
         if _kernel(call, self.collect.mod) is None:
             return call
         fields = list(call.args[1].fields)
-        new = [self.params[self.collect.index[self.collect.key(f)]]
-               if tv.is_const(f) and self.collect.key(f) in self.collect.index else f for f in fields]
+        index = self.collect.index
+        new = [self.params[index[self.collect.key(f)]] if tv.is_const(f) and self.collect.key(f) in index else f
+               for f in fields]
         if all(a.same_as(b) for a, b in zip(new, fields)):
             return call
         return tv.with_call_args(call, [call.args[0], tv.relax.Tuple(new)] + list(call.args[2:]))

@@ -106,18 +106,12 @@ class _Constants:
     def raw(self, name: str):
         return self.init.get(name)
 
-    def dq(self, name: str):
-        """The DequantizeLinear producing ``name`` (through Identity), else None."""
+    def dq(self, name: str, through=("Identity",)):
+        """The DequantizeLinear producing ``name`` through ``through`` ops, else None
+        (an activation also through Flatten / Reshape: with one step for the tensor the
+        compiler reshapes the codes instead)."""
         n = self.producer.get(name)
-        while n is not None and n.op_type == "Identity":
-            n = self.producer.get(n.input[0])
-        return n if n is not None and n.op_type == "DequantizeLinear" else None
-
-    def act_dq(self, name: str):
-        """:meth:`dq`, also through a Flatten / Reshape (a per-tensor step: the compiler
-        reshapes the codes instead)."""
-        n = self.producer.get(name)
-        while n is not None and n.op_type in ("Identity", "Flatten", "Reshape"):
+        while n is not None and n.op_type in through:
             n = self.producer.get(n.input[0])
         return n if n is not None and n.op_type == "DequantizeLinear" else None
 
@@ -185,7 +179,7 @@ def file_layers(model: onnx.ModelProto) -> dict[str, FileLayer]:
         xi, wi = 0, 1
         if n.op_type == "Gemm" and c.dq(n.input[0]) is not None and c.raw(c.dq(n.input[0]).input[0]) is not None:
             xi, wi = 1, 0  # the weight comes first
-        dq = c.act_dq(n.input[xi])
+        dq = c.dq(n.input[xi], through=("Identity", "Flatten", "Reshape"))
         weight = c.int_weight(n.input[wi])
         if dq is None or weight is None:
             continue

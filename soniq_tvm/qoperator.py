@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .annotation import KEY_AXIS, KEY_BITS, KEY_SIGNED, bits_from_range
 from .errors import UnsupportedModelError
 from .naming import node_label
 
@@ -92,7 +93,7 @@ class _Rewriter:
         export clips its weights to their narrow range this way): its output becomes an
         initializer of the clipped values, so the weight DequantizeLinear reads a
         constant. False (node kept) for anything else."""
-        ins = [i for i in n.input]
+        ins = list(n.input)
         if not ins or ins[0] not in self.consts or self.consts[ins[0]].data_type not in (TensorProto.INT8,
                                                                                            TensorProto.UINT8):
             return False
@@ -116,16 +117,16 @@ class _Rewriter:
         width as ``soniq.bits`` metadata (the int8 type alone would say 8 bits)."""
         lo, hi = self.narrowed[n.input[0]]
         signed = lo < 0
-        bits = next(b for b in range(1, 9) if (-(1 << (b - 1)) <= lo and hi <= (1 << (b - 1)) - 1 if signed
-                                               else hi <= (1 << b) - 1))
+        # the two's complement (or unsigned) width that holds [lo, hi]
+        bits = max(1, bits_from_range(min(lo, -1 - hi), max(hi, -1 - lo)) if signed else bits_from_range(0, hi))
         shape = self.shapes.get(n.input[0]) or ()
         axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
         axis = axis % len(shape) if shape else 0
         node = onnx.NodeProto()
         node.CopyFrom(n)
         count = shape[axis] if shape else 1
-        for key, value in (("soniq.bits", json.dumps([bits] * count)), ("soniq.axis", str(axis)),
-                           ("soniq.signed", "1" if signed else "0")):
+        for key, value in ((KEY_BITS, json.dumps([bits] * count)), (KEY_AXIS, str(axis)),
+                           (KEY_SIGNED, "1" if signed else "0")):
             node.metadata_props.add(key=key, value=value)
         return node
 

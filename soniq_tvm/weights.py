@@ -94,9 +94,8 @@ def _unpack_bits(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.packbits(planes, axis=1, bitorder="little").view(_UINT[width]).reshape(count)
 
 
-def encode_rows(m: np.ndarray, blob: _Blob) -> dict:
-    """Exact codec of an integer matrix ``m[R, C]``: row ``r`` is ``lo[r] + step[r] *
-    q``, ``q`` stored at ``bits[r]`` bits (the rows of one width side by side)."""
+def _rows(m: np.ndarray) -> tuple:
+    """``(lo, step, q, bits)`` of each row of an integer matrix: ``m = lo + step * q``."""
     m = np.asarray(m, np.int64)
     rows, cols = m.shape
     lo = m.min(axis=1) if cols else np.zeros(rows, np.int64)
@@ -108,6 +107,15 @@ def encode_rows(m: np.ndarray, blob: _Blob) -> dict:
     bits = np.zeros(rows, np.int64)
     for b in range(63):
         bits += (hi >> b) > 0
+    return lo, step, q, bits
+
+
+def encode_rows(m: np.ndarray, blob: _Blob, parts: tuple | None = None) -> dict:
+    """Exact codec of an integer matrix ``m[R, C]``: row ``r`` is ``lo[r] + step[r] *
+    q``, ``q`` stored at ``bits[r]`` bits (the rows of one width side by side).
+    ``parts``: :func:`_rows` of ``m`` when already computed."""
+    lo, step, q, bits = parts if parts is not None else _rows(m)
+    rows, cols = q.shape
     data = {}
     for b in np.unique(bits):
         data[str(int(b))] = blob.add(_pack_bits(q[bits == b], int(b)))
@@ -142,14 +150,14 @@ def decode_rows(code: dict, blob: bytes) -> np.ndarray:
 def _encode_codes(w: np.ndarray, blob: _Blob) -> dict:
     """A kernel's weights, one row per channel along whichever of the first two
     axes (output or input channels) stores them in fewer bytes."""
-    best = None
+    options = []
     for axis in (0, 1)[: min(w.ndim, 2)]:
-        trial = _Blob()
-        code = encode_rows(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), trial)
-        if best is None or trial.size < best[0]:
-            best = (trial.size, axis)
-    axis = best[1]
-    code = encode_rows(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), blob)
+        m = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        parts = _rows(m)
+        size = int(parts[3].sum()) * m.shape[1] / 8 + 3 * m.shape[0]  # data, and a few bytes a row
+        options.append((size, axis, m, parts))
+    _, axis, m, parts = min(options, key=lambda o: o[0])
+    code = encode_rows(m, blob, parts)
     code.update(axis=axis, shape=list(w.shape))
     return code
 
