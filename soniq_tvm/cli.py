@@ -73,6 +73,24 @@ def _cmd_compile(a) -> int:
     return 0
 
 
+def _cmd_convert(a) -> int:
+    from .onnx_files import load_model, save_model
+    from .qonnx_import import QONNX_DOMAINS, from_qonnx
+
+    model = load_model(a.model)
+    counts = {}
+    for n in model.graph.node:
+        if n.domain in QONNX_DOMAINS:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    if not counts:
+        print(f"{a.model}: no QONNX node (Quant / BipolarQuant); nothing to convert", file=sys.stderr)
+        return 1
+    save_model(from_qonnx(model), a.output)
+    what = ", ".join(f"{k} {n} node{'s' if n > 1 else ''}" for k, n in sorted(counts.items()))
+    print(f"converted {what} to soniq-qdq/1: {a.output}")
+    return 0
+
+
 _SPLIT_HELP = ("auto: split mixed layers into channel groups only where that is faster on the target; "
                "always: split every mixed layer (weights packed at their real widths)")
 
@@ -197,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="with --db: a record for another target is an error")
     s.add_argument("--split", choices=("auto", "always"), default="auto", help=_SPLIT_HELP)
     s.set_defaults(fn=_cmd_compile)
+
+    s = sub.add_parser("convert", help="convert a QONNX file (Quant / BipolarQuant nodes) to soniq-qdq/1",
+                       description="Rewrite QONNX Quant and BipolarQuant nodes into annotated QuantizeLinear/"
+                                   "DequantizeLinear (per-channel widths kept); compile also reads QONNX files "
+                                   "directly.")
+    s.add_argument("model")
+    s.add_argument("output")
+    s.set_defaults(fn=_cmd_convert)
 
     s = sub.add_parser("run", help="run a saved module")
     s.add_argument("module")

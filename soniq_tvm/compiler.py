@@ -167,11 +167,12 @@ def _prepare(model, tgt: dict, *, shapes=None, family=None, dump_ir=None, stop_a
     from .annotation import to_int8_initializers
     from .naming import canonical_names
 
+    from .qonnx_import import from_qonnx
     from .qoperator import to_qdq
     from .resources import check_inputs
 
     model, source = _model(model)
-    model = to_qdq(model)  # QOperator / integer ops, sub-byte and blocked Q/DQ -> plain QDQ
+    model = to_qdq(from_qonnx(model))  # QONNX Quant, QOperator / integer ops, sub-byte and blocked Q/DQ -> plain QDQ
     model = _without_initializer_inputs(model)
     infos = _weight_infos(model)
     ins, outs = _signature(model, shapes)

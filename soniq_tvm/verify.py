@@ -148,7 +148,9 @@ def verify(model, compiled=None, *, target="llvm", inputs: dict | None = None, s
     from .annotation import load_model
     from .artifact import CompiledModule, load
 
-    proto = load_model(str(model)) if not hasattr(model, "graph") else model
+    from .qonnx_import import from_qonnx
+
+    proto = from_qonnx(load_model(str(model)) if not hasattr(model, "graph") else model)  # QONNX: as compiled
     if compiled is None:
         from .compiler import compile as _compile
 
