@@ -343,11 +343,13 @@ def _without_qonnx_opset(model: onnx.ModelProto, keep: bool) -> onnx.ModelProto:
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    """The float weights the Quant nodes read are replaced by their codes."""
+    """The float weights the Quant nodes read are replaced by their codes: drop them,
+    and their graph-input entries (files of IR < 4 list initializers as inputs)."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
+    dropped = {t.name for t in model.graph.initializer if t.name not in used}
+    keep = [t for t in model.graph.initializer if t.name not in dropped]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    vi = [v for v in model.graph.input if v.name in used or v.name not in {t.name for t in keep}]
+    inputs = [v for v in model.graph.input if v.name not in dropped]
     del model.graph.input[:]
-    model.graph.input.extend(vi)
+    model.graph.input.extend(inputs)

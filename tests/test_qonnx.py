@@ -163,7 +163,7 @@ def _per_channel_quants(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _qonnx_run(model: onnx.ModelProto, xs: np.ndarray) -> np.ndarray:
+def _qonnx_run(model: onnx.ModelProto, xs: np.ndarray, name: str = "x") -> np.ndarray:
     """qonnx's executor on ``model``. It runs every standard node in ONNX Runtime
     through a one-node model that onnx 1.23's ``make_model`` stamps IR 14, which ORT
     1.31 refuses; the node models are given IR 10 (nothing else changes)."""
@@ -183,7 +183,7 @@ def _qonnx_run(model: onnx.ModelProto, xs: np.ndarray) -> np.ndarray:
     out = mw.graph.output[0].name
     onnx_exec.qonnx_make_model = make_ir10
     try:
-        return np.concatenate([onnx_exec.execute_onnx(mw, {"x": x[None]})[out] for x in xs])
+        return np.concatenate([onnx_exec.execute_onnx(mw, {name: x[None]})[out] for x in xs])
     finally:
         onnx_exec.qonnx_make_model = make
 
@@ -196,6 +196,30 @@ def _inputs(n: int, seed: int = 3) -> np.ndarray:
     img = load_digits().images[:n].astype(np.float32) / 8.0 - 0.5
     noise = np.random.default_rng(seed).standard_normal(img.shape).astype(np.float32) * 0.3
     return np.stack([img, img.transpose(0, 2, 1), -img, img + noise], 1)
+
+
+def test_brevitas_qonnx_export_compiles_and_matches_qonnx():
+    """``tests/data/brevitas_digits_w4a4_qonnx.onnx``: exported by Brevitas 0.13.4's
+    ``export_qonnx`` (``tests/data/make_brevitas_qcdq.py --qonnx``) from a conv +
+    linear model trained on the digits, 4-bit per-channel weights, 4-bit activations,
+    IR 7 with the initializers listed as graph inputs."""
+    from pathlib import Path
+
+    from sklearn.datasets import load_digits
+
+    path = Path(__file__).parent / "data" / "brevitas_digits_w4a4_qonnx.onnx"
+    m = soniq_tvm.compile(str(path))
+    assert not m.plan.float_layers and [sorted(set(layer.w_bits)) for layer in m.plan.layers] == [[4], [4]]
+    assert [i["name"] for i in m.inputs] == ["x.103"]  # the float weights' input entries are gone
+    digits = load_digits()
+    xs = (digits.images[-200:] / 16.0 * 2 - 1).astype(np.float32)[:, None]  # not trained on
+    ours = _ours(m, xs)
+    ref = _qonnx_run(onnx.load(str(path)), xs, name="x.103")
+    # logits: a float Gemm of exact integer codes, fp32 summation order only
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert (ours.argmax(1) == ref.argmax(1)).all()
+    assert (ours.argmax(1) == digits.target[-200:]).mean() >= 0.9
+    assert soniq_tvm.verify(str(path), m, inputs={"x.103": xs[:1]}).ok
 
 
 def _ours(m, xs):

@@ -1,12 +1,13 @@
-"""Regenerate ``brevitas_digits_w4a4_qcdq.onnx``: a 2-layer Brevitas model trained on
-scikit-learn's digits, 4-bit weights (per output channel) and 4-bit activations,
-exported by Brevitas itself as QCDQ (QuantizeLinear -> Clip -> DequantizeLinear).
+"""Regenerate ``brevitas_digits_w4a4_qcdq.onnx`` (and ``..._qonnx.onnx``): a 2-layer
+Brevitas model trained on scikit-learn's digits, 4-bit weights (per output channel)
+and 4-bit activations, exported by Brevitas itself as QCDQ (QuantizeLinear -> Clip ->
+DequantizeLinear) or as QONNX (``Quant`` nodes; ``--qonnx``).
 
 Needs ``brevitas`` (``pip install brevitas onnxoptimizer``), which the suite does not
 install: the test reads the committed file, and reruns this script where brevitas
 is present (``tests/test_brevitas_qcdq.py``).
 
-    python tests/data/make_brevitas_qcdq.py [OUT.onnx]
+    python tests/data/make_brevitas_qcdq.py [--qonnx] [OUT.onnx]
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 
-def build(out: Path, epochs: int = 30, seed: int = 0) -> Path:
+def build(out: Path, epochs: int = 30, seed: int = 0, fmt: str = "qcdq") -> Path:
+    """Train the model and export it as ``fmt``: "qcdq" (``export_onnx_qcdq``) or
+    "qonnx" (``export_qonnx``: QONNX Quant nodes)."""
     import brevitas.nn as qnn
     import torch
-    from brevitas.export import export_onnx_qcdq
+    from brevitas.export import export_onnx_qcdq, export_qonnx
     from brevitas.quant import Int8WeightPerChannelFloat
     from sklearn.datasets import load_digits
     from torch import nn
@@ -50,10 +53,16 @@ def build(out: Path, epochs: int = 30, seed: int = 0) -> Path:
             nn.functional.cross_entropy(net(x[i:i + 100]), y[i:i + 100]).backward()
             opt.step()
     net.eval()
-    export_onnx_qcdq(net, args=x[:1], export_path=str(out), opset_version=13, dynamo=False)
+    if fmt == "qonnx":
+        export_qonnx(net, args=x[:1], export_path=str(out), opset_version=13, dynamo=False)
+    else:
+        export_onnx_qcdq(net, args=x[:1], export_path=str(out), opset_version=13, dynamo=False)
     return out
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("brevitas_digits_w4a4_qcdq.onnx")
-    print(build(target))
+    args = sys.argv[1:]
+    fmt = "qonnx" if "--qonnx" in args else "qcdq"
+    args = [a for a in args if a != "--qonnx"]
+    target = Path(args[0]) if args else Path(__file__).with_name(f"brevitas_digits_w4a4_{fmt}.onnx")
+    print(build(target, fmt=fmt))
