@@ -19,6 +19,7 @@ the group in ``xs``, offset, fill).
 """
 from __future__ import annotations
 
+import numpy as np
 from tvm.script import tirx as T
 
 from soniq_tvm import tvm_shim as tv
@@ -52,6 +53,12 @@ def build(mode, ng: int, m: int, k: int, kg: int, n: int, cbt: int, obt: int, kn
     ROW_SHUFFLE = lanes is not None
     XV, AV = f"{x_dtype}x{k}", f"{AD}x{CT}"
     COPIES = -(-CT // k)  # a shuffle gives at most as many lanes as its sources hold
+
+    def widen(v):
+        """Input bytes as operand elements: the same bits (u8 operands: the offset's add
+        wraps alike), or sign- or zero-extended into int16 ``avx2-wide`` operands."""
+        same = np.dtype(AD).itemsize == np.dtype(x_dtype).itemsize
+        return T.reinterpret(AV, v) if same else T.Cast(AV, v)
 
     @T.macro
     def steps(acc, i0, rn, xs, wp, m0, obt_, cb):
@@ -108,7 +115,7 @@ def build(mode, ng: int, m: int, k: int, kg: int, n: int, cbt: int, obt: int, kn
         for p in par_relayout(m):
             if ROW_SHUFFLE:
                 xs[p, T.ramp(0, 1, CT)] = T.bitwise_and(
-                    T.reinterpret(AV, tirx.Shuffle([xm.vload([p, 0], XV)] * COPIES, lanes)), info.vload([1, 0], AV)) \
+                    widen(tirx.Shuffle([xm.vload([p, 0], XV)] * COPIES, lanes)), info.vload([1, 0], AV)) \
                     + info.vload([0, 0], AV)
             else:
                 relayout_row(xs, xm, cols, meta, p)

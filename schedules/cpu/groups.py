@@ -12,9 +12,14 @@ group's term to a float tile in registers and storing it once.
 
 :func:`scale_group_matmul` returns ``None`` ("not applicable") unless every group is
 an int8-dot matmul kernel of one family with the same rows, outputs, tile knobs and
-operand type (the int16 ``avx2-wide`` mode of 8 x 8 bits on AVX2 has another
-operand layout than the u8 modes, so an AVX2 layer mixing it with narrower groups
-stays as separate kernels). A group packed for the ``avx2-sum16`` mode runs with the
+operand type. On AVX2 an 8 x 8 group is exact only in the int16 ``avx2-wide`` mode
+(``vpmaddwd``), another operand layout than the u8 modes of the narrower groups: such
+a layer runs every group in ``avx2-wide`` (re-packed, the mode pinned by the ``mode``
+knob of the ops the kernel records) when the family's cost says the narrow groups'
+slower int16 arithmetic costs less than what one kernel saves, ``COMBINE_UNITS`` per
+output of each extra group (its int32 plane and its pass of the float combine): the
+3-channel stem and the 1x1 downsamples of ResNet-18 {2,8} fuse, its 3x3 layers and
+BERT's matmuls do not. A group packed for the ``avx2-sum16`` mode runs with the
 ``avx2-madd`` step here: same layout, and its exactness bound is the looser one.
 """
 from __future__ import annotations
@@ -33,6 +38,10 @@ __all__ = ["scale_group_matmul", "scale_group_conv", "GROUPS_ATTR"]
 
 GROUPS_ATTR = "soniq.scale_groups"  # the fused kernel's group QOps (JSON list)
 SHUFFLE_MAX = 512  # widest input row gathered by one constant shuffle
+WIDE = "avx2-wide"
+# cost units (the int8-dot families' scale) per output element of a group run as a
+# separate kernel: its int32 store plus the combine's load, convert, scale and add
+COMBINE_UNITS = 3.0
 
 
 def _mode(family, op: QOp):
@@ -42,7 +51,7 @@ def _mode(family, op: QOp):
 
 def _shared(parts):
     """What the groups' kernels share, or None when they cannot share one kernel:
-    ``(family, mode, knobs, wps, corrs, scales, meta, modes)`` with each group's
+    ``(family, mode, knobs, wps, corrs, scales, meta, modes, parts)`` with each group's
     packed weights, correction and per-output factor padded to the packed outputs,
     and ``meta`` rows (first entry in ``columns``, channels, first ``xs`` column,
     words, offset, fill)."""
@@ -55,8 +64,17 @@ def _shared(parts):
     family = registry.get(next(iter(names)))
     if not isinstance(family, Int8DotFamily):  # the pack phase chose it for the target
         return None
+    if len({family.mode(op).name for op in ops}) > 1 and any(family.mode(op).name == WIDE for op in ops):
+        tile = next(family.knobs(op) for op in ops if family.mode(op).name == WIDE)
+        wide = [_pinned(family, p, WIDE, tile) for p in parts]  # int16 operands hold every group exactly
+        # the narrow groups slow down (vpmaddwd on int16 against vpmaddubsw on bytes); one
+        # kernel saves each extra group's int32 plane and its pass of the float combine
+        extra = sum(family.work(w[0]) - family.work(p[0]) for w, p in zip(wide, parts))
+        if extra > (len(parts) - 1) * COMBINE_UNITS * float(np.prod(ops[0].out_shape)):
+            return None
+        parts, ops = wide, [p[0] for p in wide]
     modes = [_mode(family, op) for op in ops]
-    if len({(m.vl, m.kv, m.a_dtype, m.w_dtype) for m in modes}) != 1 or modes[0].name == "avx2-wide":
+    if len({(m.vl, m.kv, m.a_dtype, m.w_dtype) for m in modes}) != 1:
         return None
     knobs = [family.knobs(op) for op in ops]
     if len({(k["R"], k["J"]) for k in knobs}) != 1 or len({op.a_dtype for op in ops}) != 1:
@@ -84,7 +102,20 @@ def _shared(parts):
         x0, s0 = x0 + k, s0 + cb * md.kv
     if len({w.shape[1:4] + w.shape[5:] for w in wps}) != 1 or len({c.size for c in corrs}) != 1:
         return None
-    return family, modes[0], knobs[0], wps, corrs, scales, meta, modes
+    return family, modes[0], knobs[0], wps, corrs, scales, meta, modes, parts
+
+
+def _pinned(family, part, mode: str, tile: dict):
+    """A group ``(op, wp, corr, scale)`` re-packed for ``mode`` and the ``tile``'s R
+    and J (the mode pinned by the op's ``mode`` knob, which the fused kernel's
+    recorded ops keep, so every reader of them unpacks the layout it runs)."""
+    op, wp, corr, scale = part
+    knobs = {"R": tile["R"], "J": tile["J"], "mode": mode}
+    if all(family.knobs(op).get(k) == v for k, v in knobs.items() if k != "mode") and family.mode(op).name == mode:
+        return part
+    pinned = op.with_(knobs=knobs)
+    wp2, corr2 = family.pack(family.unpack([wp, corr], op), pinned)
+    return pinned, wp2, corr2, scale
 
 
 def _columns(columns, x0: int, width: int):
@@ -107,7 +138,7 @@ def scale_group_matmul(parts, columns=None, x_shape=None):
     shared = _shared(parts)
     if shared is None or parts[0][0].kind != "matmul":
         return None
-    family, mode, knobs, wps, corrs, scales, meta, modes = shared
+    family, mode, knobs, wps, corrs, scales, meta, modes, parts = shared
     ops = [p[0] for p in parts]
     if len({tuple(op.x_shape[:-1]) for op in ops}) != 1 or any(w.shape[2:4] != (1, 1) for w in wps):
         return None
@@ -144,7 +175,11 @@ def scale_group_matmul(parts, columns=None, x_shape=None):
     key = ("scale-groups-matmul", whole.to_json(), repr(args[:-1]), tuple(shuffle_lanes or ()))
     func = registry.cached(key, lambda: build(*args))
     func = func.with_attr(GROUPS_ATTR, json.dumps([op.to_dict() for op in ops])).with_attr("tirx.is_scheduled", True)
-    consts = [columns.astype(np.int32), (info & 255).astype(np.uint8).view(mode.a_dtype),
+    if np.dtype(mode.a_dtype).itemsize == 1:
+        table = (info & 255).astype(np.uint8).view(mode.a_dtype)
+    else:  # int16 operands: the values as they are, the mask all ones
+        table = np.stack([info[0], np.where(info[1] != 0, -1, 0)]).astype(mode.a_dtype)
+    consts = [columns.astype(np.int32), table,
               np.asarray(meta, np.int32), wp_all, np.stack(corrs).astype(np.int32), np.stack(scales)]
     return func, consts
 
@@ -158,7 +193,7 @@ def scale_group_conv(parts, columns=None, x_shape=None):
     shared = _shared(parts)
     if shared is None or parts[0][0].kind != "conv2d":
         return None
-    family, mode, knobs, wps, corrs, scales, meta, _ = shared
+    family, mode, knobs, wps, corrs, scales, meta, _, parts = shared
     ops = [p[0] for p in parts]
     geo = {(op.x_shape[0],) + tuple(op.x_shape[2:]) + tuple(op.out_shape) + tuple(op.w_shape[2:])
            + (tuple(op.strides), tuple(op.padding), tuple(op.dilation), op.groups) for op in ops}
@@ -174,7 +209,8 @@ def scale_group_conv(parts, columns=None, x_shape=None):
     o, _, kh, kw = ops[0].w_shape
     whole = ops[0].with_(x_shape=x_shape, w_shape=(o, x0, kh, kw))  # the layer, for sizes
     tw = -(-kw // mode.kv)  # words of one channel's taps
-    taps = kw > 1 and x0 * tw < kw * sum(m[3] for m in meta) and whole.out_shape[3] >= 8
+    taps = kw > 1 and x0 * tw < kw * sum(m[3] for m in meta) and whole.out_shape[3] >= 8 \
+        and np.dtype(mode.a_dtype).itemsize == 1  # the taps re-layout moves bytes
     if taps:  # a word holds kv taps of one channel: re-pack the groups' weights
         wps, s0 = [], 0
         for m, (op, wp, corr, _) in zip(meta, parts):

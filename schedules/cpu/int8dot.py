@@ -225,7 +225,18 @@ class Int8DotFamily:
         return ok_arch and all(f in _isa.features(target) for f in self.need)
 
     def mode(self, op: QOp) -> Mode:
-        """The instruction sequence this family uses for ``op``'s widths."""
+        """The instruction sequence this family uses for ``op``'s widths, or the one
+        its ``mode`` knob pins (the scale-group kernel runs every group of an AVX2
+        layer that has an 8 x 8 group in ``avx2-wide``: int16 operands hold any
+        width, exactly)."""
+        pinned = (op.knobs or {}).get("mode")
+        if pinned is not None:
+            if pinned not in self.modes or (pinned != "avx2-wide" and MODES[pinned] != self._natural(op)):
+                raise ValueError(f"{self.name}: mode {pinned!r} cannot run {op.layer} exactly")
+            return MODES[pinned]
+        return self._natural(op)
+
+    def _natural(self, op: QOp) -> Mode:
         if self.isa == "avx2":
             wmin, wmax = weight_range(op.w_bit, op.w_signed)
             if wmin < -128 or wmax > 127 or sum16_limit(op) < 1:
@@ -258,6 +269,10 @@ class Int8DotFamily:
         beyond L2: what bounds a batch-1 GEMV), plus re-layout and epilogue."""
         if not self.accepts(op, target):
             return None
+        return self.work(op)
+
+    def work(self, op: QOp) -> float:
+        """:meth:`cost` of an op this family accepts (no target check)."""
         m = self.mode(op)
         lay = self.layout(op)
         g = Geometry.of(op)
@@ -319,7 +334,7 @@ class Int8DotFamily:
 
     def knobs(self, op: QOp) -> dict:
         k = self.default_knobs(op)
-        k.update({key: v for key, v in (op.knobs or {}).items() if key in ("R", "J", "tc")})
+        k.update({key: v for key, v in (op.knobs or {}).items() if key in ("R", "J", "tc", "mode")})
         g = Geometry.of(op)
         m = self.mode(op)
         ob = math.ceil(g.og / m.vl)
