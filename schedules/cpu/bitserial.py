@@ -119,13 +119,17 @@ class BitSerialFamily:
     # 1x1-bit 3x3-conv benchmark in benchmarks/kernels.py). Pixel lanes on
     # VPOPCNTDQ: 400 (64 -> 64 channels at 56 x 56, 1x1 bits: 36 us against ~140 us
     # for the VNNI kernel at 8 bits); refit on ResNet-18 {1,4}, where the two more
-    # layers this splits ran the model 7-9% faster (paired, three runs).
+    # layers this splits ran the model 7-9% faster (paired, three runs). AVX2: 100,
+    # refit on an AVX2-only host (Zen 3), where it moves ResNet-18 {1,4}'s 1 x 1-bit
+    # groups at 56 x 56 to 14 x 14 from integer Winograd to this family: the model ran
+    # 0.95x and 0.94x (paired, rates 100 and 140 flip the same 10 groups; 66 came from
+    # haswell builds on an AVX-512 host).
     def _rate(self, target, px: bool = False) -> float:
         f = _isa.features(target)
         if "avx512vpopcntdq" in f and "avx512vl" in f:
             return 400.0 if px else 200.0
         if _isa.is_x86(target) and "avx2" in f:
-            return 66.0
+            return 100.0
         if _isa.is_aarch64(target):
             return 48.0
         return 16.0
