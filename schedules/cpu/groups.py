@@ -69,7 +69,9 @@ def _shared(parts):
         wide = [_pinned(family, p, WIDE, tile) for p in parts]  # int16 operands hold every group exactly
         # the narrow groups slow down (vpmaddwd on int16 against vpmaddubsw on bytes); one
         # kernel saves each extra group's int32 plane and its pass of the float combine
-        extra = sum(family.work(w[0]) - family.work(p[0]) for w, p in zip(wide, parts))
+        # (default tiles: a tuned tile or tc must not change whether the layer fuses)
+        extra = sum(family.work(p[0].with_(knobs={"mode": WIDE})) - family.work(p[0].with_(knobs={}))
+                    for p in parts)
         if extra > (len(parts) - 1) * COMBINE_UNITS * float(np.prod(ops[0].out_shape)):
             return None
         parts, ops = wide, [p[0] for p in wide]
