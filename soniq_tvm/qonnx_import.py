@@ -14,13 +14,17 @@ form of the same arithmetic:
   ``DequantizeLinear``;
 * a ``Quant`` of an activation becomes ``QuantizeLinear -> Max -> Min ->
   DequantizeLinear`` with the per-channel integer range as Max/Min constants;
-* a ``BipolarQuant`` of a weight becomes 1-bit bipolar codes.
+* a ``BipolarQuant`` of a weight becomes 1-bit bipolar codes;
+* a ``Quant`` of a constant that no kernel reads as a weight (a bias quantized to
+  32 bits, a constant operand of an Add) or that is wider than 8 bits becomes the
+  float constant qonnx computes (float32, as its executor does): that layer's float
+  parts stay float, and a conv or matmul with such a weight stays float, saying why.
 
 ``bitwidth``, ``scale`` and ``zeropt`` may each be one value or one per channel
 along a single axis (all non-scalar ones along the same axis), so a file that
 gives every channel its own width (SONIQ's mixed precision) keeps it: the widths
 become the ``soniq.bits`` annotation of that axis. Anything else (a non-constant
-scale, a width above 8 bits, a bipolar or non-rounding activation, ``Trunc``,
+scale, an activation wider than 8 bits, a bipolar or non-rounding activation, ``Trunc``,
 ``FloatQuant``, ...) raises :class:`~soniq_tvm.errors.UnsupportedModelError`
 naming the node. Pure onnx and numpy: the ``qonnx`` package is not needed.
 
@@ -222,6 +226,40 @@ class _Converter:
         return [self.annotated_dq(codes, sc, zp, base, p.s_axis, label, p.bits, p.signed, bits_axis,
                                   w.shape[bits_axis] if w.ndim else 1)]
 
+    def weight_slot(self, name: str, graph) -> bool:
+        """Whether ``name`` is read only as a Conv / Gemm weight or a MatMul operand,
+        with a width a kernel takes (at most 8 bits)."""
+        uses = [(m.op_type, list(m.input).index(name)) for m in graph.node if name in m.input]
+        slot = bool(uses) and all((op in ("Conv", "Gemm") and i == 1) or op == "MatMul" for op, i in uses)
+        q = next(m for m in graph.node if name in m.output)
+        bits = self.consts.get(q.input[3]) if q.op_type != "BipolarQuant" and len(q.input) > 3 else None
+        return slot and (bits is None or float(np.max(bits)) <= 8)
+
+    def fold(self, n, label: str, bipolar: bool) -> None:
+        """A constant Quant that feeds no kernel weight (a bias quantized to 16 or 32
+        bits, a constant added or multiplied): its output computed here as qonnx does,
+        in float32, and stored as a float initializer."""
+        x = np.asarray(self.consts[n.input[0]], np.float32)
+        scale = np.asarray(self.constant(n, 1, label, "scale"), np.float32)
+        if bipolar:
+            y = np.where(x / scale >= 0, np.float32(1), np.float32(-1)) * scale
+        else:
+            z = np.asarray(self.constant(n, 2, label, "zero point"), np.float32)
+            bits = np.asarray(self.constant(n, 3, label, "bit width"), np.float64)
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
+            if np.any(bits != np.round(bits)) or np.any(bits < 1):
+                raise UnsupportedModelError(f"bit width {bits.reshape(-1)[0]:g} is not a positive integer",
+                                            node=label, hint=_HINT)
+            lo, hi = int_range(bits.astype(np.int64), signed, narrow)
+            v = x / scale + z
+            q = np.where((bits == 1) & signed, np.where(v >= 0, 1, -1),
+                         _ROUNDING[_rounding_mode(n, label)](np.clip(v, lo, hi))).astype(np.float32)
+            y = (q - z) * scale
+        y = np.asarray(y, np.float32)
+        self.consts[n.output[0]] = y
+        self.inits.append(numpy_helper.from_array(y, n.output[0]))
+
     def activation(self, n, label: str) -> list[onnx.NodeProto]:
         mode = _rounding_mode(n, label)
         if mode not in ("ROUND", "HALF_EVEN"):
@@ -313,7 +351,9 @@ def from_qonnx(model: onnx.ModelProto) -> onnx.ModelProto:
                                         hint="Quant (IntQuant) and BipolarQuant convert; run qonnx's own "
                                              "transformations to remove the others first")
         bipolar = n.op_type == "BipolarQuant"
-        if n.input[0] in conv.consts:
+        if n.input[0] in conv.consts and not conv.weight_slot(n.output[0], out.graph):
+            conv.fold(n, label, bipolar)  # a quantized bias or other constant: its float values
+        elif n.input[0] in conv.consts:
             nodes.extend(conv.weight(n, label, bipolar))
         elif bipolar:
             raise UnsupportedModelError("a BipolarQuant of an activation is a sign function, not a "

@@ -120,6 +120,38 @@ def model_b() -> onnx.ModelProto:
     return g.model([1, 4, 8, 8], y, [1, 5])
 
 
+def model_c() -> onnx.ModelProto:
+    """Constants QONNX quantizes beyond the kernels: a conv bias through a 32-bit
+    Quant (Brevitas's Int32Bias), a second conv whose weight is quantized to 16 bits."""
+    g = _Graph(2)
+    xq = g.quant("x", "xq", 4.0 / 127, 8.0)
+    w1 = g.weight("w1", (8, 4, 3, 3), 4, 1)
+    g.const("b1", g.rng.standard_normal(8) * 0.5)
+    b1 = g.quant("b1", "b1_q", 4.0 / 127 * 0.05, 32.0)
+    c1 = g.node("Conv", [xq, w1, b1], "c1", pads=[1, 1, 1, 1])
+    r1 = g.node("Relu", [c1], "r1")
+    r1q = g.quant(r1, "r1q", 8.0 / 15, 4.0, signed=0)
+    w2 = g.weight("w2", (6, 8, 3, 3), 16, 1)
+    c2 = g.node("Conv", [r1q, w2], "c2", pads=[1, 1, 1, 1])
+    y = g.quant(c2, "y", 60.0 / 127, 8.0)
+    return g.model([1, 4, 8, 8], y, [1, 6, 8, 8])
+
+
+def test_quantized_bias_and_wide_weight_fold_to_float_constants():
+    """A 32-bit bias Quant and a 16-bit weight Quant become the float constants qonnx
+    computes: the first conv still runs on integers (with its float bias), the second
+    stays float with its reason in the plan; the output is within one step of qonnx."""
+    model = model_c()
+    qdq = from_qonnx(model)
+    assert "b1_q" in {t.name for t in qdq.graph.initializer} and "w2_q" in {t.name for t in qdq.graph.initializer}
+    m = soniq_tvm.compile(model)
+    assert [layer.name for layer in m.plan.layers if not layer.is_float] == ["c1"], m.plan
+    assert [layer.name for layer in m.plan.float_layers] == ["c2"] and m.plan.float_layers[0].reason
+    xs = _inputs(32)
+    worst, exact = _steps(_ours(m, xs), _qonnx_run(model, xs), 60.0 / 127)
+    assert worst <= 1.0 + 1e-3 and exact >= 0.99, (worst, exact)
+
+
 def _per_channel_quants(model: onnx.ModelProto) -> onnx.ModelProto:
     """The same arithmetic in a form qonnx's executor runs: each Quant whose bit
     width is a tensor becomes one Quant per channel of that axis (Slice -> Quant
