@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite (15-28 minutes on 2 cores, by host), in a fresh or reused .venv.
+# The whole test suite (15-20 minutes on 2 cores, by host), in a fresh or reused .venv.
 # Test files run on $SONIQ_TEST_WORKERS processes (pytest-xdist, default 2; 1 runs them in this one),
 # a whole file per process so its module fixtures are built once.
 set -euo pipefail
