@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from .annotation import KEY_AXIS, KEY_BITS, KEY_SIGNED
 from .errors import UnsupportedModelError
@@ -86,6 +86,7 @@ class _Params:
     bits: np.ndarray
     signed: bool
     narrow: bool
+    mode: str  # rounding
     s_axis: int | None
     b_axis: int | None
     rank: int
@@ -94,7 +95,6 @@ class _Params:
 
 class _Converter:
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
         g = model.graph
         self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         for n in g.node:  # Constant nodes count as constants
@@ -107,6 +107,10 @@ class _Converter:
             tt = vi.type.tensor_type
             if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
                 self.shapes.setdefault(vi.name, tuple(d.dim_value for d in tt.shape.dim))
+        self.uses: dict[str, list] = {}  # tensor -> [(consumer op, input position)]
+        for m in g.node:
+            for i, name in enumerate(m.input):
+                self.uses.setdefault(name, []).append((m.op_type, i))
         self.inits: list[onnx.TensorProto] = []
 
     def const(self, value: np.ndarray, name: str) -> str:
@@ -135,8 +139,9 @@ class _Converter:
                                         node=label, hint="one value, or one per channel of a single axis")
         return big[0]
 
-    def parameters(self, n, label: str, bipolar: bool) -> _Params:
-        """The node's constants as per-channel vectors, checked."""
+    def parameters(self, n, label: str, bipolar: bool, max_bits: int | None = 8) -> _Params:
+        """The node's constants as per-channel vectors, checked (widths up to
+        ``max_bits``; None: any)."""
         scale = self.constant(n, 1, label, "scale")
         if bipolar:
             zeropt, bits, signed, narrow = np.zeros(1), np.ones(1), True, False
@@ -145,6 +150,7 @@ class _Converter:
             bits = self.constant(n, 3, label, "bit width")
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
+        mode = "ROUND" if bipolar else _rounding_mode(n, label)
         shape = self.shapes.get(n.input[0])
         rank = len(shape) if shape is not None else max(scale.ndim, zeropt.ndim, bits.ndim, 1)
         s_axis = self.axis_of(scale, rank, "scale", label)
@@ -173,16 +179,27 @@ class _Converter:
             if bad.size:
                 raise UnsupportedModelError(f"{what} {v[bad[0]]} is not an integer", node=label,
                                             channel=int(bad[0]) if v.size > 1 else None, hint=_HINT)
-        bad = np.flatnonzero((bits < 1) | (bits > 8))
+        bad = np.flatnonzero((bits < 1) | (bits > (max_bits or np.inf)))
         if bad.size:
-            raise UnsupportedModelError(f"bit width {bits[bad[0]]:g} is outside 1..8", node=label,
-                                        channel=int(bad[0]) if bits.size > 1 else None,
+            raise UnsupportedModelError(f"bit width {bits[bad[0]]:g} is outside 1..{max_bits or 'any'}",
+                                        node=label, channel=int(bad[0]) if bits.size > 1 else None,
                                         hint="the compiled kernels take 1 to 8 bits")
         bits = bits.astype(np.int64)
         if narrow and not signed and np.any(bits == 1):
             raise UnsupportedModelError("an unsigned narrow 1-bit range holds only 0", node=label,
                                         hint="use narrow=0 or at least 2 bits")
-        return _Params(scale, zeropt.astype(np.int64), bits, signed, narrow, s_axis, b_axis, rank, shape)
+        return _Params(scale, zeropt.astype(np.int64), bits, signed, narrow, mode, s_axis, b_axis, rank, shape)
+
+    def codes(self, n, p: _Params) -> np.ndarray:
+        """The integer codes of a constant Quant's input, computed as qonnx does
+        (float32; a signed 1-bit width is bipolar)."""
+        x = np.asarray(self.consts[n.input[0]], np.float32)
+        s = self.along(p.scale.astype(np.float32), p.s_axis, x.ndim)
+        z = self.along(p.zeropt.astype(np.float32), p.s_axis, x.ndim)
+        b = self.along(p.bits, p.b_axis, x.ndim)
+        v = x / s + z
+        lo, hi = int_range(b, p.signed, p.narrow)
+        return np.where((b == 1) & p.signed, np.where(v >= 0, 1, -1), _ROUNDING[p.mode](np.clip(v, lo, hi)))
 
     @staticmethod
     def along(v: np.ndarray, axis: int | None, rank: int) -> np.ndarray:
@@ -208,13 +225,8 @@ class _Converter:
         if np.any(p.zeropt != 0):
             raise UnsupportedModelError("a weight Quant with a nonzero zero point is not supported", node=label,
                                         hint="weights are symmetric in soniq-qdq/1: quantize them with zeropt 0")
-        w = np.asarray(self.consts[n.input[0]], np.float64)
-        s, b = self.along(p.scale, p.s_axis, w.ndim), self.along(p.bits, p.b_axis, w.ndim)
-        v = w / s
-        mode = "ROUND" if bipolar else _rounding_mode(n, label)
-        one = (b == 1) & p.signed  # qonnx: a signed 1-bit Quant is bipolar
-        lo, hi = int_range(b, p.signed, p.narrow)
-        q = np.where(one, np.where(v >= 0, 1, -1), _ROUNDING[mode](np.clip(v, lo, hi)))
+        w = self.consts[n.input[0]]
+        q = self.codes(n, p)
         dtype = np.int8 if p.signed else np.uint8
         base = n.output[0]
         codes = self.const(q.astype(dtype), f"{base}__soniq_q")
@@ -226,37 +238,23 @@ class _Converter:
         return [self.annotated_dq(codes, sc, zp, base, p.s_axis, label, p.bits, p.signed, bits_axis,
                                   w.shape[bits_axis] if w.ndim else 1)]
 
-    def weight_slot(self, name: str, graph) -> bool:
-        """Whether ``name`` is read only as a Conv / Gemm weight or a MatMul operand,
-        with a width a kernel takes (at most 8 bits)."""
-        uses = [(m.op_type, list(m.input).index(name)) for m in graph.node if name in m.input]
+    def weight_slot(self, n) -> bool:
+        """Whether Quant ``n``'s output is read only as a Conv / Gemm weight or a
+        MatMul operand, with a width a kernel takes (at most 8 bits)."""
+        uses = self.uses.get(n.output[0], [])
         slot = bool(uses) and all((op in ("Conv", "Gemm") and i == 1) or op == "MatMul" for op, i in uses)
-        q = next(m for m in graph.node if name in m.output)
-        bits = self.consts.get(q.input[3]) if q.op_type != "BipolarQuant" and len(q.input) > 3 else None
+        bits = self.consts.get(n.input[3]) if n.op_type != "BipolarQuant" and len(n.input) > 3 else None
         return slot and (bits is None or float(np.max(bits)) <= 8)
 
     def fold(self, n, label: str, bipolar: bool) -> None:
         """A constant Quant that feeds no kernel weight (a bias quantized to 16 or 32
         bits, a constant added or multiplied): its output computed here as qonnx does,
         in float32, and stored as a float initializer."""
-        x = np.asarray(self.consts[n.input[0]], np.float32)
-        scale = np.asarray(self.constant(n, 1, label, "scale"), np.float32)
-        if bipolar:
-            y = np.where(x / scale >= 0, np.float32(1), np.float32(-1)) * scale
-        else:
-            z = np.asarray(self.constant(n, 2, label, "zero point"), np.float32)
-            bits = np.asarray(self.constant(n, 3, label, "bit width"), np.float64)
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            signed, narrow = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0))
-            if np.any(bits != np.round(bits)) or np.any(bits < 1):
-                raise UnsupportedModelError(f"bit width {bits.reshape(-1)[0]:g} is not a positive integer",
-                                            node=label, hint=_HINT)
-            lo, hi = int_range(bits.astype(np.int64), signed, narrow)
-            v = x / scale + z
-            q = np.where((bits == 1) & signed, np.where(v >= 0, 1, -1),
-                         _ROUNDING[_rounding_mode(n, label)](np.clip(v, lo, hi))).astype(np.float32)
-            y = (q - z) * scale
-        y = np.asarray(y, np.float32)
+        p = self.parameters(n, label, bipolar, max_bits=None)
+        rank = np.ndim(self.consts[n.input[0]])
+        s = self.along(p.scale.astype(np.float32), p.s_axis, rank)
+        z = self.along(p.zeropt.astype(np.float32), p.s_axis, rank)
+        y = ((self.codes(n, p).astype(np.float32) - z) * s).astype(np.float32)
         self.consts[n.output[0]] = y
         self.inits.append(numpy_helper.from_array(y, n.output[0]))
 
@@ -292,13 +290,12 @@ class _Converter:
         trailing = [count] + [1] * max(rank - 1 - c_axis, 0)  # [C, 1, 1] for NCHW, [C] for the last axis
         lo_c = self.const(lo.reshape(trailing), f"{base}__soniq_lo")
         hi_c = self.const(hi.reshape(trailing), f"{base}__soniq_hi")
-        kw = {"axis": axis} if per_axis else {}
+        kw = {"axis": p.s_axis} if per_axis else {}
         q, mx, mn = f"{base}__soniq_codes", f"{base}__soniq_max", f"{base}__soniq_min"
         return [helper.make_node("QuantizeLinear", [n.input[0], sc, zp], [q], name=f"{label}_q", **kw),
                 helper.make_node("Max", [q, lo_c], [mx], name=f"{label}_max"),
                 helper.make_node("Min", [mx, hi_c], [mn], name=f"{label}_min"),
-                self.annotated_dq(mn, sc, zp, base, axis if per_axis else None, label, bits, signed,
-                                  c_axis, count)]
+                self.annotated_dq(mn, sc, zp, base, p.s_axis, label, bits, signed, c_axis, count)]
 
 
 def int_range(bits, signed: bool, narrow: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -320,9 +317,7 @@ def _shapes_through_quant(model: onnx.ModelProto) -> list:
             del n.input[:], n.attribute[:]
             n.input.append(x)
             n.op_type, n.domain = "Identity", ""
-    kept = [o for o in proxy.opset_import if o.domain not in QONNX_DOMAINS]
-    del proxy.opset_import[:]
-    proxy.opset_import.extend(kept)
+    _drop_qonnx_opsets(proxy)
     g = proxy.graph
     try:
         g = onnx.shape_inference.infer_shapes(proxy).graph
@@ -338,7 +333,8 @@ def from_qonnx(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     from .qoperator import _at_least_opset_13
 
-    out = _without_qonnx_opset(model, keep=True)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
     conv = _Converter(out)
     nodes = []
     for i, n in enumerate(out.graph.node):
@@ -351,7 +347,7 @@ def from_qonnx(model: onnx.ModelProto) -> onnx.ModelProto:
                                         hint="Quant (IntQuant) and BipolarQuant convert; run qonnx's own "
                                              "transformations to remove the others first")
         bipolar = n.op_type == "BipolarQuant"
-        if n.input[0] in conv.consts and not conv.weight_slot(n.output[0], out.graph):
+        if n.input[0] in conv.consts and not conv.weight_slot(n):
             conv.fold(n, label, bipolar)  # a quantized bias or other constant: its float values
         elif n.input[0] in conv.consts:
             nodes.extend(conv.weight(n, label, bipolar))
@@ -364,22 +360,18 @@ def from_qonnx(model: onnx.ModelProto) -> onnx.ModelProto:
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(conv.inits)
     _drop_unused_initializers(out)
-    result = _at_least_opset_13(_without_qonnx_opset(out, keep=False))
+    _drop_qonnx_opsets(out)
+    result = _at_least_opset_13(out)
     from .annotation_writer import write_quant_map
 
     write_quant_map(result)  # reads (and so checks) every annotation written above
     return result
 
 
-def _without_qonnx_opset(model: onnx.ModelProto, keep: bool) -> onnx.ModelProto:
-    """A copy whose opset imports hold no QONNX domain (``keep``: only copied)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    if not keep:
-        kept = [o for o in out.opset_import if o.domain not in QONNX_DOMAINS]
-        del out.opset_import[:]
-        out.opset_import.extend(kept)
-    return out
+def _drop_qonnx_opsets(model: onnx.ModelProto) -> None:
+    kept = [o for o in model.opset_import if o.domain not in QONNX_DOMAINS]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:

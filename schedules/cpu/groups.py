@@ -64,17 +64,13 @@ def _shared(parts):
     family = registry.get(next(iter(names)))
     if not isinstance(family, Int8DotFamily):  # the pack phase chose it for the target
         return None
-    if len({family.mode(op).name for op in ops}) > 1 and any(family.mode(op).name == WIDE for op in ops):
-        tile = next(family.knobs(op) for op in ops if family.mode(op).name == WIDE)
-        wide = [_pinned(family, p, WIDE, tile) for p in parts]  # int16 operands hold every group exactly
-        # the narrow groups slow down (vpmaddwd on int16 against vpmaddubsw on bytes); one
-        # kernel saves each extra group's int32 plane and its pass of the float combine
-        # (default tiles: a tuned tile or tc must not change whether the layer fuses)
-        extra = sum(family.work(p[0].with_(knobs={"mode": WIDE})) - family.work(p[0].with_(knobs={}))
-                    for p in parts)
-        if extra > (len(parts) - 1) * COMBINE_UNITS * float(np.prod(ops[0].out_shape)):
+    names = [family.mode(op).name for op in ops]
+    if WIDE in names and len(set(names)) > 1:
+        if not _wide_pays(family, ops):
             return None
-        parts, ops = wide, [p[0] for p in wide]
+        tile = family.knobs(ops[names.index(WIDE)])
+        parts = [_pinned(family, p, WIDE, tile) for p in parts]  # int16 operands hold every group exactly
+        ops = [p[0] for p in parts]
     modes = [_mode(family, op) for op in ops]
     if len({(m.vl, m.kv, m.a_dtype, m.w_dtype) for m in modes}) != 1:
         return None
@@ -105,6 +101,15 @@ def _shared(parts):
     if len({w.shape[1:4] + w.shape[5:] for w in wps}) != 1 or len({c.size for c in corrs}) != 1:
         return None
     return family, modes[0], knobs[0], wps, corrs, scales, meta, modes, parts
+
+
+def _wide_pays(family, ops) -> bool:
+    """Whether one int16 kernel costs less than the groups apart: the narrow groups slow
+    down (``vpmaddwd`` on int16 against ``vpmaddubsw`` on bytes), one kernel saves each
+    extra group's int32 plane and its pass of the float combine. Counted on default
+    tiles: a tuned tile or ``tc`` must not change whether the layer fuses."""
+    extra = sum(family.work(op.with_(knobs={"mode": WIDE})) - family.work(op.with_(knobs={})) for op in ops)
+    return extra <= (len(ops) - 1) * COMBINE_UNITS * float(np.prod(ops[0].out_shape))
 
 
 def _pinned(family, part, mode: str, tile: dict):
