@@ -124,4 +124,14 @@ def test_per_group_steps_tuned_and_the_database_reused(tmp_path):
     assert len(applied) >= 2 and not tuned.manifest["tuning"]["skipped"]  # both scale groups
     assert tuned.plan.layers[0].scale_groups == 2
     feeds = {"x": (_codes(rng, (1, 8, 8, 8), bits, 1, False) * steps.reshape(1, -1, 1, 1)).astype(np.float32)}
-    np.testing.assert_array_equal(tuned.run(feeds)[0], soniq_tvm.compile(str(path), "llvm").run(feeds)[0])
+    plain = soniq_tvm.compile(str(path), "llvm")
+    got, want = tuned.run(feeds)[0], plain.run(feeds)[0]
+    if _fused(tuned) == _fused(plain):
+        np.testing.assert_array_equal(got, want)
+    else:  # a tuned family or tile may leave apart the groups the untuned module runs in one
+        # kernel (AVX2 int16): the same exact integers, the float sum once fused into an FMA
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def _fused(m) -> list:
+    return [n for n in m.plan.notes if "scale groups in one kernel" in n]
